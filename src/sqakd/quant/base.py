@@ -1,0 +1,211 @@
+"""The one quantizer interface every QAT method implements.
+
+A quantizer is an ``nn.Module`` that maps a float tensor to its fake-quantized version. All the
+methods we support share one shape (the SQAKD paper's observation):
+
+    clip -> normalise -> round to 2**bits levels -> rescale
+
+and differ in (a) how the range is parametrised and initialised and (b) the gradient rule used
+for the rounding. A subclass implements :meth:`Quantizer.initialize` (data-driven range set-up,
+run once on the first tensor it sees) and :meth:`Quantizer.quantize` (the forward, with its own
+backward rule), and reports the integer grid it uses through :meth:`Quantizer.grid` so that export
+needs no per-method special case.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+Role = Literal["weight", "activation"]
+MIN_BITS, MAX_BITS = 1, 8
+
+
+def check_bits(bits: int) -> int:
+    """Return ``bits`` if it is a whole number in 1..8, else raise a ``ValueError`` with the fix."""
+    if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
+        raise ValueError(
+            f"bits must be a whole number from {MIN_BITS} to {MAX_BITS}, got {bits!r}; "
+            f"use 32 in a layer policy to keep a layer in float"
+        )
+    return bits
+
+
+@dataclass(frozen=True)
+class QuantGrid:
+    """The integer grid a quantizer uses, in the form deployment needs.
+
+    Quantize: ``code = clamp(round(x / input_scale + input_zero_point), qmin, qmax)``.
+    Dequantize: ``value = scale * (code - zero_point)`` for uniform grids, or
+    ``value = levels[code - qmin]`` for non-uniform ones (``levels`` is not ``None``).
+
+    ``scale``/``zero_point`` (and the input pair) are 0-d tensors for per-tensor grids or 1-d
+    tensors of length C for per-channel grids along ``axis``. Zero points may be fractional
+    (EWGS and DoReFa map weights onto an odd number of symmetric levels); export decides how to
+    carry them. For weights, :meth:`Quantizer.codes` gives the integer codes directly, so the
+    input pair matters only for activations.
+    """
+
+    bits: int
+    qmin: int
+    qmax: int
+    scale: Tensor
+    zero_point: Tensor
+    input_scale: Tensor
+    input_zero_point: Tensor
+    axis: int | None = None
+    levels: Tensor | None = None
+
+    @property
+    def uniform(self) -> bool:
+        return self.levels is None
+
+    def dequantize(self, codes: Tensor) -> Tensor:
+        """Map integer codes back to the float values the fake-quantized model computes with."""
+        if self.levels is not None:
+            index = codes.long() - self.qmin
+            if self.levels.dim() == 1:
+                return self.levels[index]
+            return _gather_levels(self.levels, index, self.axis or 0)
+        axis = self.axis or 0
+        scale = broadcast_channels(self.scale, codes, axis)
+        zero_point = broadcast_channels(self.zero_point, codes, axis)
+        return scale * (codes.to(self.scale.dtype) - zero_point)
+
+
+def _gather_levels(levels: Tensor, index: Tensor, axis: int) -> Tensor:
+    """Per-channel level tables: ``levels`` is (C, L); pick each element's level in its channel."""
+    moved = index.movedim(axis, 0)
+    flat = moved.reshape(moved.shape[0], -1)
+    picked = torch.gather(levels, 1, flat).reshape(moved.shape)
+    return picked.movedim(0, axis)
+
+
+def broadcast_channels(value: Tensor, like: Tensor, axis: int) -> Tensor:
+    """Reshape a per-channel vector (C,) so that it broadcasts against ``like`` along ``axis``."""
+    if value.dim() == 0:
+        return value
+    shape = [1] * like.dim()
+    shape[axis] = -1
+    return value.reshape(shape)
+
+
+def per_channel_reduce(x: Tensor, axis: int, fn: str) -> Tensor:
+    """Reduce every dimension but ``axis`` with ``fn`` ('amin', 'amax', 'mean', 'std', 'absmean')."""
+    flat = x.detach().movedim(axis, 0).reshape(x.shape[axis], -1)
+    if fn == "absmean":
+        return flat.abs().mean(dim=1)
+    if fn == "std":
+        return flat.std(dim=1)
+    return getattr(flat, fn)(dim=1)
+
+
+class Quantizer(nn.Module):
+    """Base class: validation, one-time data-driven initialisation, and the grid contract.
+
+    Args:
+        bits: bit-width, 1..8.
+        role: ``"weight"`` or ``"activation"``; decides signedness defaults and what may be
+            per-channel.
+        per_channel: one range per output channel (weights only; channel axis 0).
+        signed: whether the grid is symmetric around zero. ``None`` picks the method's default
+            for the role.
+    """
+
+    #: registry name, set by :func:`sqakd.quant.registry.register_quantizer`
+    method: str = "base"
+    #: True for methods whose levels are equally spaced (export as QuantizeLinear/DequantizeLinear)
+    uniform: bool = True
+
+    def __init__(
+        self,
+        bits: int,
+        role: Role = "weight",
+        per_channel: bool = False,
+        signed: bool | None = None,
+    ) -> None:
+        super().__init__()
+        self.bits = check_bits(bits)
+        if role not in ("weight", "activation"):
+            raise ValueError(f"role must be 'weight' or 'activation', got {role!r}")
+        if per_channel and role == "activation":
+            raise ValueError(
+                "per-channel ranges are for weights only; set per_channel: false for activations"
+            )
+        self.role: Role = role
+        self.per_channel = per_channel
+        self.signed = (role == "weight") if signed is None else signed
+        self.channel_axis = 0
+        # A buffer (not a Python flag) so that state_dict round trips keep the initialised state.
+        self.register_buffer("initialized", torch.tensor(False))
+
+    # ----------------------------------------------------------------- what subclasses implement
+    def initialize(self, x: Tensor) -> None:
+        """Set the range parameters from the first tensor seen (no gradient). Default: nothing."""
+
+    def quantize(self, x: Tensor) -> Tensor:
+        """The fake-quantized forward, carrying the method's gradient rule."""
+        raise NotImplementedError
+
+    def grid(self) -> QuantGrid:
+        """The integer grid currently in use (after initialisation)."""
+        raise NotImplementedError
+
+    def match_output(self, float_output: Tensor, quantized_output: Tensor) -> None:
+        """Hook run once by the quantized layer after initialisation, with the layer's float and
+        quantized outputs on the first batch (EWGS sets its output scale here). Default: nothing."""
+
+    def codes(self, x: Tensor) -> Tensor:
+        """Integer codes of ``x`` on :meth:`grid`, such that ``grid().dequantize(codes(x))``
+        equals ``forward(x)`` (up to float rounding). Used to export and pack weights."""
+        grid = self.grid()
+        axis = self.channel_axis if grid.input_scale.dim() > 0 else 0
+        scale = broadcast_channels(grid.input_scale, x, axis)
+        zero_point = broadcast_channels(grid.input_zero_point, x, axis)
+        return torch.clamp(torch.round(x / scale + zero_point), grid.qmin, grid.qmax)
+
+    # ------------------------------------------------------------------------------ shared logic
+    @property
+    def levels_count(self) -> int:
+        return 2**self.bits
+
+    @property
+    def is_initialized(self) -> bool:
+        return bool(self.initialized)
+
+    @torch.no_grad()
+    def calibrate(self, x: Tensor) -> None:
+        """Initialise the range from data now (normally done on the first forward)."""
+        self.initialize(x.detach())
+        self.initialized.fill_(True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.is_initialized:
+            self.calibrate(x)
+        return self.quantize(x)
+
+    def extra_repr(self) -> str:
+        kind = "per-channel" if self.per_channel else "per-tensor"
+        sign = "signed" if self.signed else "unsigned"
+        return f"method={self.method}, bits={self.bits}, role={self.role}, {kind}, {sign}"
+
+    def _range_shape(self, x_shape: torch.Size | None = None) -> tuple[int, ...]:
+        """Shape of a range parameter: () per tensor, (C,) per channel."""
+        if not self.per_channel:
+            return ()
+        if x_shape is None:
+            raise ValueError("per-channel range needs the tensor shape")
+        return (x_shape[self.channel_axis],)
+
+
+def round_ste(x: Tensor) -> Tensor:
+    """``round`` in the forward, identity gradient in the backward (the straight-through estimator)."""
+    return x + (torch.round(x) - x).detach()
+
+
+def scale_gradient(x: Tensor, factor: float) -> Tensor:
+    """Identity in the forward; multiplies the gradient by ``factor`` (LSQ's gradient scale)."""
+    return (x - x * factor).detach() + x * factor

@@ -1,0 +1,154 @@
+"""Quantized twins of ``nn.Conv2d`` and ``nn.Linear``.
+
+Each holds an optional weight quantizer and an optional input-activation quantizer, keeps the
+float layer's ``weight``/``bias`` parameters and their ``state_dict`` names, and computes exactly
+what the float layer computes when both quantizers are ``None`` or quantization is switched off
+with :func:`set_quantization`. Depthwise and grouped convolutions need nothing special: the
+weight quantizer works per tensor or per output channel (axis 0) whatever the groups.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .base import Quantizer
+
+
+class QuantizedLayer(nn.Module):
+    """Mixin with the shared quantize-inputs-and-weights logic; the float op is ``_float_forward``."""
+
+    weight: Tensor
+    weight_quantizer: Quantizer | None
+    act_quantizer: Quantizer | None
+
+    def _init_quantizers(self, weight_quantizer: Quantizer | None, act_quantizer: Quantizer | None) -> None:
+        self.weight_quantizer = weight_quantizer
+        self.act_quantizer = act_quantizer
+        self.quantization_enabled = True
+        self.register_buffer("calibrated", torch.tensor(False))
+
+    def _float_forward(self, x: Tensor, weight: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    @property
+    def quantizes(self) -> bool:
+        return self.quantization_enabled and (
+            self.weight_quantizer is not None or self.act_quantizer is not None
+        )
+
+    def quantized_weight(self) -> Tensor:
+        """The weight as the quantized layer uses it (the float weight when not quantized)."""
+        if self.weight_quantizer is None or not self.quantization_enabled:
+            return self.weight
+        return self.weight_quantizer(self.weight)
+
+    def quantized_input(self, x: Tensor) -> Tensor:
+        if self.act_quantizer is None or not self.quantization_enabled:
+            return x
+        return self.act_quantizer(x)
+
+    @torch.no_grad()
+    def calibrate(self, x: Tensor) -> None:
+        """Initialise both quantizers from this input and the weight, then let the weight
+        quantizer match the float output's magnitude (EWGS's output scale)."""
+        if self.act_quantizer is not None:
+            self.act_quantizer.calibrate(x)
+        if self.weight_quantizer is not None:
+            self.weight_quantizer.calibrate(self.weight)
+            float_output = self._float_forward(x, self.weight)
+            quantized_output = self._float_forward(self.quantized_input(x), self.quantized_weight())
+            self.weight_quantizer.match_output(float_output, quantized_output)
+        self.calibrated.fill_(True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.quantizes:
+            return self._float_forward(x, self.weight)
+        if not bool(self.calibrated):
+            self.calibrate(x)
+        return self._float_forward(self.quantized_input(x), self.quantized_weight())
+
+
+class QuantConv2d(QuantizedLayer, nn.Conv2d):
+    """``nn.Conv2d`` with fake-quantized weight and input."""
+
+    def __init__(self, *args, weight_quantizer: Quantizer | None = None,
+                 act_quantizer: Quantizer | None = None, **kwargs) -> None:
+        nn.Conv2d.__init__(self, *args, **kwargs)
+        self._init_quantizers(weight_quantizer, act_quantizer)
+
+    @classmethod
+    def from_float(cls, conv: nn.Conv2d, weight_quantizer: Quantizer | None,
+                   act_quantizer: Quantizer | None) -> QuantConv2d:
+        """Wrap an existing convolution, sharing its parameters (no copy)."""
+        layer = cls(
+            conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
+            padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
+            bias=conv.bias is not None, padding_mode=conv.padding_mode, device="meta",
+            weight_quantizer=weight_quantizer, act_quantizer=act_quantizer,
+        )
+        layer.weight, layer.bias = conv.weight, conv.bias
+        layer.train(conv.training)
+        return layer
+
+    def _float_forward(self, x: Tensor, weight: Tensor) -> Tensor:
+        return self._conv_forward(x, weight, self.bias)
+
+
+class QuantLinear(QuantizedLayer, nn.Linear):
+    """``nn.Linear`` with fake-quantized weight and input."""
+
+    def __init__(self, *args, weight_quantizer: Quantizer | None = None,
+                 act_quantizer: Quantizer | None = None, **kwargs) -> None:
+        nn.Linear.__init__(self, *args, **kwargs)
+        self._init_quantizers(weight_quantizer, act_quantizer)
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, weight_quantizer: Quantizer | None,
+                   act_quantizer: Quantizer | None) -> QuantLinear:
+        """Wrap an existing linear layer, sharing its parameters (no copy)."""
+        layer = cls(
+            linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta",
+            weight_quantizer=weight_quantizer, act_quantizer=act_quantizer,
+        )
+        layer.weight, layer.bias = linear.weight, linear.bias
+        layer.train(linear.training)
+        return layer
+
+    def _float_forward(self, x: Tensor, weight: Tensor) -> Tensor:
+        return F.linear(x, weight, self.bias)
+
+
+#: float layer type -> its quantized twin; prepare() swaps exactly these
+QUANTIZED_TWINS: dict[type[nn.Module], type[QuantizedLayer]] = {
+    nn.Conv2d: QuantConv2d,
+    nn.Linear: QuantLinear,
+}
+
+
+def quantized_layers(model: nn.Module) -> list[tuple[str, QuantizedLayer]]:
+    """Every quantized layer in ``model`` with its qualified name."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, QuantizedLayer)]
+
+
+def quantizers(model: nn.Module) -> list[tuple[str, Quantizer]]:
+    """Every quantizer in ``model`` with its qualified name."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, Quantizer)]
+
+
+def set_quantization(model: nn.Module, enabled: bool) -> None:
+    """Switch fake quantization on or off in every quantized layer (off = the float model)."""
+    for _, layer in quantized_layers(model):
+        layer.quantization_enabled = enabled
+
+
+def quantizer_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Parameters that belong to quantizers (ranges, step sizes, output scales)."""
+    return [p for _, q in quantizers(model) for p in q.parameters(recurse=False)]
+
+
+def model_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Every parameter of ``model`` that does not belong to a quantizer."""
+    owned = {id(p) for p in quantizer_parameters(model)}
+    return [p for p in model.parameters() if id(p) not in owned]

@@ -1,0 +1,63 @@
+"""What to quantize and how: a typed policy, validated when it is built."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, field_validator
+
+from .base import MAX_BITS, MIN_BITS
+
+FLOAT_BITS = 32
+
+
+def _check_policy_bits(value: int | None) -> int | None:
+    if value is None or value == FLOAT_BITS or (MIN_BITS <= value <= MAX_BITS):
+        return value
+    raise ValueError(
+        f"bits must be {MIN_BITS}..{MAX_BITS}, or {FLOAT_BITS} to keep the layer in float; got {value}"
+    )
+
+
+class LayerOverride(BaseModel):
+    """Settings for the layers whose qualified name matches a pattern (``fnmatch`` syntax)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    weight_bits: int | None = None
+    act_bits: int | None = None
+    method: str | None = None
+    weight_method: str | None = None
+    act_method: str | None = None
+
+    _bits = field_validator("weight_bits", "act_bits")(_check_policy_bits)
+
+
+class QuantPolicy(BaseModel):
+    """How :func:`sqakd.quant.prepare` quantizes a model.
+
+    Attributes:
+        method: quantizer for weights and activations (see ``available_quantizers()``).
+        weight_method / act_method: use a different quantizer for one role.
+        weight_bits / act_bits: 1..8, or 32 for float.
+        per_channel_weights: one range per output channel for weight quantizers.
+        first_last: ``"float"`` keeps the first and last quantizable layers in full precision (the
+            papers' convention); ``"8bit"`` quantizes them at W8A8; ``"same"`` treats them like
+            every other layer.
+        method_options: keyword options given to every quantizer (e.g. ``{"delta": 0.001}``).
+        overrides: ``{pattern: LayerOverride}``, applied in order; later patterns win.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: str = "ewgs"
+    weight_method: str | None = None
+    act_method: str | None = None
+    weight_bits: int = 4
+    act_bits: int = 4
+    per_channel_weights: bool = False
+    first_last: Literal["float", "8bit", "same"] = "float"
+    method_options: dict[str, Any] = {}
+    overrides: dict[str, LayerOverride] = {}
+
+    _bits = field_validator("weight_bits", "act_bits")(_check_policy_bits)
