@@ -187,6 +187,23 @@ class Quantizer(nn.Module):
             self.calibrate(x)
         return self.quantize(x)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[override]
+        """A per-channel range is 0-d until initialisation gives it shape (C,): adopt the stored
+        (C,) shape so that a fresh quantizer loads a trained one's ``state_dict``."""
+        if self.per_channel:
+            for name, tensor in [*self._parameters.items(), *self._buffers.items()]:
+                stored = state_dict.get(prefix + name)
+                if (
+                    tensor is not None
+                    and stored is not None
+                    and tensor.dim() == 0
+                    and stored.dim() == 1
+                ):
+                    tensor.data = torch.empty(
+                        stored.shape, dtype=tensor.dtype, device=tensor.device
+                    )
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def extra_repr(self) -> str:
         kind = "per-channel" if self.per_channel else "per-tensor"
         sign = "signed" if self.signed else "unsigned"

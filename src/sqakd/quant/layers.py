@@ -23,7 +23,9 @@ class QuantizedLayer(nn.Module):
     weight_quantizer: Quantizer | None
     act_quantizer: Quantizer | None
 
-    def _init_quantizers(self, weight_quantizer: Quantizer | None, act_quantizer: Quantizer | None) -> None:
+    def _init_quantizers(
+        self, weight_quantizer: Quantizer | None, act_quantizer: Quantizer | None
+    ) -> None:
         self.weight_quantizer = weight_quantizer
         self.act_quantizer = act_quantizer
         self.quantization_enabled = True
@@ -73,20 +75,34 @@ class QuantizedLayer(nn.Module):
 class QuantConv2d(QuantizedLayer, nn.Conv2d):
     """``nn.Conv2d`` with fake-quantized weight and input."""
 
-    def __init__(self, *args, weight_quantizer: Quantizer | None = None,
-                 act_quantizer: Quantizer | None = None, **kwargs) -> None:
+    def __init__(
+        self,
+        *args,
+        weight_quantizer: Quantizer | None = None,
+        act_quantizer: Quantizer | None = None,
+        **kwargs,
+    ) -> None:
         nn.Conv2d.__init__(self, *args, **kwargs)
         self._init_quantizers(weight_quantizer, act_quantizer)
 
     @classmethod
-    def from_float(cls, conv: nn.Conv2d, weight_quantizer: Quantizer | None,
-                   act_quantizer: Quantizer | None) -> QuantConv2d:
+    def from_float(
+        cls, conv: nn.Conv2d, weight_quantizer: Quantizer | None, act_quantizer: Quantizer | None
+    ) -> QuantConv2d:
         """Wrap an existing convolution, sharing its parameters (no copy)."""
         layer = cls(
-            conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
-            padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
-            bias=conv.bias is not None, padding_mode=conv.padding_mode, device="meta",
-            weight_quantizer=weight_quantizer, act_quantizer=act_quantizer,
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            stride=conv.stride,
+            padding=conv.padding,
+            dilation=conv.dilation,
+            groups=conv.groups,
+            bias=conv.bias is not None,
+            padding_mode=conv.padding_mode,
+            device="meta",
+            weight_quantizer=weight_quantizer,
+            act_quantizer=act_quantizer,
         )
         layer.weight, layer.bias = conv.weight, conv.bias
         layer.train(conv.training)
@@ -99,18 +115,28 @@ class QuantConv2d(QuantizedLayer, nn.Conv2d):
 class QuantLinear(QuantizedLayer, nn.Linear):
     """``nn.Linear`` with fake-quantized weight and input."""
 
-    def __init__(self, *args, weight_quantizer: Quantizer | None = None,
-                 act_quantizer: Quantizer | None = None, **kwargs) -> None:
+    def __init__(
+        self,
+        *args,
+        weight_quantizer: Quantizer | None = None,
+        act_quantizer: Quantizer | None = None,
+        **kwargs,
+    ) -> None:
         nn.Linear.__init__(self, *args, **kwargs)
         self._init_quantizers(weight_quantizer, act_quantizer)
 
     @classmethod
-    def from_float(cls, linear: nn.Linear, weight_quantizer: Quantizer | None,
-                   act_quantizer: Quantizer | None) -> QuantLinear:
+    def from_float(
+        cls, linear: nn.Linear, weight_quantizer: Quantizer | None, act_quantizer: Quantizer | None
+    ) -> QuantLinear:
         """Wrap an existing linear layer, sharing its parameters (no copy)."""
         layer = cls(
-            linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta",
-            weight_quantizer=weight_quantizer, act_quantizer=act_quantizer,
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            device="meta",
+            weight_quantizer=weight_quantizer,
+            act_quantizer=act_quantizer,
         )
         layer.weight, layer.bias = linear.weight, linear.bias
         layer.train(linear.training)

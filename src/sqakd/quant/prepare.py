@@ -59,8 +59,11 @@ class QuantPlan(list[LayerPlan]):
 
 
 def _method_label(plan: LayerPlan) -> str:
-    methods = {m for m, b in ((plan.weight_method, plan.weight_bits), (plan.act_method, plan.act_bits))
-               if m and b != FLOAT_BITS}
+    methods = {
+        m
+        for m, b in ((plan.weight_method, plan.weight_bits), (plan.act_method, plan.act_bits))
+        if m and b != FLOAT_BITS
+    }
     if not methods:
         return "-"
     if plan.weight_method == plan.act_method or len(methods) == 1:
@@ -70,15 +73,25 @@ def _method_label(plan: LayerPlan) -> str:
 
 def _is_unsupported(module: nn.Module) -> bool:
     """A leaf layer with weights that prepare() cannot quantize (it is left in float)."""
-    if type(module) in QUANTIZED_TWINS or isinstance(module, (QuantizedLayer, Quantizer, _NORMALISATION)):
+    if type(module) in QUANTIZED_TWINS or isinstance(
+        module, (QuantizedLayer, Quantizer, _NORMALISATION)
+    ):
         return False
     return any(True for _ in module.parameters(recurse=False))
 
 
 def _unsupported_row(name: str, module: nn.Module) -> LayerPlan:
     shape = tuple(getattr(module, "weight", next(module.parameters())).shape)
-    return LayerPlan(name, type(module).__name__, shape, None, None, FLOAT_BITS, FLOAT_BITS,
-                     "unsupported type, kept in float")
+    return LayerPlan(
+        name,
+        type(module).__name__,
+        shape,
+        None,
+        None,
+        FLOAT_BITS,
+        FLOAT_BITS,
+        "unsupported type, kept in float",
+    )
 
 
 def plan(model: nn.Module, policy: QuantPolicy | None = None) -> QuantPlan:
@@ -127,11 +140,21 @@ def _layer_plan(name: str, module: nn.Module, policy: QuantPolicy, is_edge: bool
         act_bits = override.act_bits if override.act_bits is not None else act_bits
     for method in (weight_method, act_method):
         quantizer_class(method)
-    return LayerPlan(name, type(module).__name__, tuple(module.weight.shape), weight_method,
-                     act_method, weight_bits, act_bits, note)
+    return LayerPlan(
+        name,
+        type(module).__name__,
+        tuple(module.weight.shape),
+        weight_method,
+        act_method,
+        weight_bits,
+        act_bits,
+        note,
+    )
 
 
-def prepare(model: nn.Module, policy: QuantPolicy | None = None, inplace: bool = False) -> nn.Module:
+def prepare(
+    model: nn.Module, policy: QuantPolicy | None = None, inplace: bool = False
+) -> nn.Module:
     """Return a copy of ``model`` whose Conv2d/Linear layers are swapped for quantized twins.
 
     The copy keeps every parameter name, so a float ``state_dict`` loads into it. Layers the
@@ -172,14 +195,30 @@ def describe(model: nn.Module) -> QuantPlan:
     for name, module in model.named_modules():
         if isinstance(module, QuantizedLayer):
             wq, aq = module.weight_quantizer, module.act_quantizer
-            result.append(LayerPlan(
-                name, type(module).__name__, tuple(module.weight.shape),
-                wq.method if wq else None, aq.method if aq else None,
-                wq.bits if wq else FLOAT_BITS, aq.bits if aq else FLOAT_BITS,
-            ))
+            result.append(
+                LayerPlan(
+                    name,
+                    type(module).__name__,
+                    tuple(module.weight.shape),
+                    wq.method if wq else None,
+                    aq.method if aq else None,
+                    wq.bits if wq else FLOAT_BITS,
+                    aq.bits if aq else FLOAT_BITS,
+                )
+            )
         elif type(module) in QUANTIZED_TWINS:
-            result.append(LayerPlan(name, type(module).__name__, tuple(module.weight.shape),
-                                    None, None, FLOAT_BITS, FLOAT_BITS, "float"))
+            result.append(
+                LayerPlan(
+                    name,
+                    type(module).__name__,
+                    tuple(module.weight.shape),
+                    None,
+                    None,
+                    FLOAT_BITS,
+                    FLOAT_BITS,
+                    "float",
+                )
+            )
         elif _is_unsupported(module):
             result.append(_unsupported_row(name, module))
     return result

@@ -56,7 +56,9 @@ def build_quantizer(
         import inspect
 
         accepted = [
-            p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "bits", "role", "per_channel")
+            p
+            for p in inspect.signature(cls.__init__).parameters
+            if p not in ("self", "bits", "role", "per_channel")
         ]
         raise ValueError(
             f"quantizer {name!r} got an unknown option ({error}); it accepts: {', '.join(accepted) or 'none'}"

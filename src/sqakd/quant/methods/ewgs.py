@@ -22,6 +22,8 @@ the bias in float units.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -103,8 +105,7 @@ class EWGSQuantizer(Quantizer):
 
     def quantize(self, x: Tensor) -> Tensor:
         rounded = ewgs_round(self.normalise(x), self.num_steps, self.delta)
-        if self.keep_rounded:
-            rounded.retain_grad()
+        if self.keep_rounded and rounded.requires_grad:
             self.last_rounded = rounded
         if self.role == "activation":
             return rounded
@@ -138,3 +139,78 @@ class STEQuantizer(EWGSQuantizer):
     """EWGS's quantizer with delta = 0: the straight-through estimator with learned intervals."""
 
     default_delta = 0.0
+
+
+def hutchinson_trace(grad: Tensor, point: Tensor, probes: int = 50, tol: float = 1e-3) -> float:
+    """Hutchinson's estimate of Tr(H), H = d grad / d point (``grad`` built with create_graph):
+    the mean of ``v . (H v)`` over up to ``probes`` Rademacher vectors v (entries +-1). As in the
+    released code, it stops early once a probe moves the running mean by less than ``tol``
+    (relative); ``tol=0`` always runs every probe."""
+    if not grad.requires_grad:  # the loss is linear in ``point``: H = 0
+        return 0.0
+    estimates: list[float] = []
+    for _ in range(probes):
+        probe = torch.randint_like(point, 2) * 2 - 1
+        (product,) = torch.autograd.grad(grad, point, probe, retain_graph=True, allow_unused=True)
+        previous = sum(estimates) / len(estimates) if estimates else None
+        estimates.append(0.0 if product is None else float((product * probe).sum()))
+        current = sum(estimates) / len(estimates)
+        if previous is not None and abs(current - previous) <= tol * (abs(previous) + 1e-6):
+            break
+    return sum(estimates) / len(estimates)
+
+
+def update_ewgs_deltas(
+    model: nn.Module,
+    loss_fn: Callable[[nn.Module, Any], Tensor],
+    batches: Iterable[Any],
+    num_batches: int = 3,
+    probes: int = 50,
+    tol: float = 1e-3,
+) -> dict[str, float]:
+    """Set every EWGS quantizer's delta from the loss curvature (EWGS paper, Sec. 3.3).
+
+    For each of the first ``num_batches`` batches: the gradient g of ``loss_fn(model, batch)``
+    w.r.t. each quantizer's rounded tensor, with ``create_graph=True`` (parameters' ``.grad`` are
+    not touched), then ``(Tr(H) / numel) / (3 std(g))`` (``std`` unbiased). delta becomes the mean over batches, clipped at 0 as in
+    the released code. The model's train/eval mode is left as the caller set it (the released
+    code runs in train mode). Returns ``{quantizer name: new delta}``; STE quantizers are skipped.
+    """
+    targets = [(name, q) for name, q in model.named_modules()
+               if isinstance(q, EWGSQuantizer) and not isinstance(q, STEQuantizer)]
+    if not targets:
+        raise ValueError("the model has no EWGS quantizer; prepare it with method 'ewgs' first")
+    totals = {name: 0.0 for name, _ in targets}
+    counts = {name: 0 for name, _ in targets}
+    for _, quantizer in targets:
+        quantizer.keep_rounded, quantizer.last_rounded = True, None
+    try:
+        for index, batch in enumerate(batches):
+            if index >= num_batches:
+                break
+            loss = loss_fn(model, batch)
+            reached = [(name, q.last_rounded) for name, q in targets if q.last_rounded is not None]
+            if not reached:
+                continue
+            # autograd.grad rather than backward(): the parameters' .grad stay untouched
+            grads = torch.autograd.grad(loss, [r for _, r in reached], create_graph=True,
+                                        allow_unused=True)
+            for (name, rounded), grad in zip(reached, grads):
+                if grad is None or rounded.numel() < 2:
+                    continue
+                spread = 3.0 * float(grad.detach().std())
+                trace = hutchinson_trace(grad, rounded, probes, tol)
+                totals[name] += trace / rounded.numel() / spread if spread > 0 else 0.0
+                counts[name] += 1
+            for _, quantizer in targets:
+                quantizer.last_rounded = None
+    finally:
+        for _, quantizer in targets:
+            quantizer.keep_rounded, quantizer.last_rounded = False, None
+    if not any(counts.values()):
+        raise ValueError("update_ewgs_deltas got no batch that reaches an EWGS quantizer")
+    deltas = {name: max(totals[name] / counts[name], 0.0) for name in totals if counts[name]}
+    for name, quantizer in targets:
+        if name in deltas:
+            quantizer.delta.fill_(deltas[name])
+    return deltas

@@ -1,0 +1,186 @@
+"""``sqakd``: a thin command line over the public API. Every error is one line, never a traceback."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Label-free quantization-aware training by self-supervised knowledge distillation.",
+)
+
+ConfigOption = Annotated[
+    Path | None, typer.Option("--config", "-c", help="YAML recipe (see configs/)")
+]
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set", "-s", help="override a config key, e.g. -s quant.weight_bits=2 (repeatable)"
+    ),
+]
+OutputOption = Annotated[
+    Path | None, typer.Option("--output", "-o", help="run folder (run.output)")
+]
+OverwriteOption = Annotated[
+    bool, typer.Option("--overwrite", help="replace an earlier run in the run folder")
+]
+ResumeOption = Annotated[bool, typer.Option("--resume", help="continue the run in the run folder")]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def one_line_errors(command: F) -> F:
+    """Turn the errors a user can fix into ``error: ...`` on stderr and exit code 2."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from .engine import TrainingDiverged
+
+        try:
+            return command(*args, **kwargs)
+        except (ValueError, FileNotFoundError, ImportError, TrainingDiverged) as error:
+            typer.echo(f"error: {error}", err=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            typer.echo(
+                "interrupted; the last checkpoint is kept (continue with --resume)", err=True
+            )
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _config(
+    config: Path | None,
+    overrides: list[str] | None,
+    output: Path | None = None,
+    overwrite: bool = False,
+    base: dict[str, Any] | None = None,
+):
+    from .config import load_config
+
+    extra = list(overrides or [])
+    if output is not None:
+        extra.append(f"run.output={output}")
+    if overwrite:
+        extra.append("run.overwrite=true")
+    return load_config(config, extra, base=base)
+
+
+def _print_result(result: Any) -> None:
+    from dataclasses import asdict
+
+    summary = asdict(result)
+    typer.echo(
+        json.dumps(
+            {k: summary[k] for k in ("run_dir", "method", "last", "best", "teacher")}, indent=2
+        )
+    )
+
+
+@app.command()
+@one_line_errors
+def train(
+    config: ConfigOption = None,
+    set: SetOption = None,
+    output: OutputOption = None,
+    overwrite: OverwriteOption = False,
+    resume: ResumeOption = False,
+) -> None:
+    """Train a full-precision teacher with labels."""
+    from .pipeline import train_teacher
+
+    _print_result(train_teacher(_config(config, set, output, overwrite), resume=resume))
+
+
+@app.command()
+@one_line_errors
+def quantize(
+    config: ConfigOption = None,
+    set: SetOption = None,
+    output: OutputOption = None,
+    overwrite: OverwriteOption = False,
+    resume: ResumeOption = False,
+) -> None:
+    """Quantization-aware training of a copy of the teacher (method.name: sqakd by default)."""
+    from .pipeline import quantize as run_quantize
+
+    _print_result(run_quantize(_config(config, set, output, overwrite), resume=resume))
+
+
+@app.command("eval")
+@one_line_errors
+def evaluate(
+    config: ConfigOption = None,
+    set: SetOption = None,
+    weights: Annotated[
+        Path | None, typer.Option(help="model.safetensors of a run, or a checkpoint")
+    ] = None,
+    run: Annotated[
+        Path | None, typer.Option(help="a run folder: uses its config.yaml and model.safetensors")
+    ] = None,
+) -> None:
+    """Top-1/top-5 of a float or quantized model on the test split."""
+    from .pipeline import evaluate_model
+
+    if run is not None:
+        config = config or run / "config.yaml"
+        weights = weights or run / "model.safetensors"
+    metrics = evaluate_model(_config(config, set), weights)
+    typer.echo(json.dumps(metrics, indent=2))
+
+
+@app.command()
+@one_line_errors
+def demo(
+    output: Annotated[Path, typer.Option("--output", "-o")] = Path("runs/demo"),
+    data: Annotated[Path, typer.Option(help="folder with the Fashion-MNIST IDX .gz files")] = Path(
+        "/usr/share/datasets/fashion-mnist"
+    ),
+    teacher_epochs: int = 3,
+    epochs: Annotated[
+        int, typer.Option(help="QAT epochs per student (same budget for every student)")
+    ] = 2,
+    limit: Annotated[
+        int | None, typer.Option(help="use only this many training images (quick look)")
+    ] = None,
+    overwrite: OverwriteOption = False,
+    device: str = "cpu",
+) -> None:
+    """Teacher, label-free SQAKD at W4A4 and W2A2, and a labeled QAT baseline, on Fashion-MNIST."""
+    from .demo import run_demo
+
+    run_demo(output, data, teacher_epochs, epochs, limit, overwrite, device)
+
+
+@app.command("methods")
+def list_methods() -> None:
+    """List the registered quantizers, training methods, distillation losses, models and data formats."""
+    from . import data, models
+    from .distill import available_losses
+    from .methods import available_methods
+    from .quant import available_quantizers
+
+    typer.echo(f"quantizers: {', '.join(available_quantizers())}")
+    typer.echo(f"methods:    {', '.join(available_methods())}")
+    typer.echo(f"losses:     {', '.join(available_losses())}")
+    typer.echo(f"models:     {', '.join(models.available_models())}")
+    typer.echo(f"data:       {', '.join(data.available_formats())}")
+
+
+def main() -> None:
+    """Console entry point."""
+    app(prog_name="sqakd")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

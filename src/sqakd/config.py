@@ -1,0 +1,209 @@
+"""The typed run configuration: one YAML file (plus ``key=value`` overrides) describes a run.
+
+Everything is validated once, here, at the edge: an unknown key, a wrong type or a value out of
+range is reported with the key's dotted name and the fix, never as a traceback deep in training.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .quant.policy import QuantPolicy
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class RunConfig(Section):
+    output: Path = Path("runs/run")
+    overwrite: bool = False
+    seed: int = 0
+    device: str = "cpu"
+    deterministic: bool = False
+    tensorboard: bool = False
+    progress: bool = True
+    threads: int | None = None
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if value != "auto" and not value.startswith(("cpu", "cuda", "mps")):
+            raise ValueError(
+                f"device must be 'cpu', 'cuda', 'cuda:N', 'mps' or 'auto', got {value!r}"
+            )
+        return value
+
+
+class AugmentConfig(Section):
+    crop_padding: int = Field(4, ge=0)
+    flip: bool = True
+
+
+class DataConfig(Section):
+    format: str = "folder"
+    root: Path | None = None
+    train_split: str = "train"
+    test_split: str | None = "test"
+    resize: tuple[int, int] | None = None
+    val_fraction: float = Field(0.0, ge=0.0, lt=1.0)
+    batch_size: int = Field(128, ge=1)
+    eval_batch_size: int = Field(256, ge=1)
+    augment: AugmentConfig = AugmentConfig()
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    limit_train: int | None = Field(None, ge=1)
+    limit_test: int | None = Field(None, ge=1)
+    cache_dir: Path | None = None
+
+
+class ModelConfig(Section):
+    name: str = "resnet20"
+    num_classes: int | None = None
+    in_channels: int | None = None
+    kwargs: dict[str, Any] = {}
+
+
+class TeacherConfig(Section):
+    checkpoint: Path | None = None
+
+
+class OptimizerConfig(Section):
+    name: Literal["adam", "adamw", "sgd"] = "adam"
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = False
+    schedule: Literal["cosine", "constant", "step"] = "cosine"
+    step_milestones: list[int] = []
+    step_gamma: float = 0.1
+
+
+class TrainConfig(Section):
+    epochs: int = Field(1, ge=1)
+    weights: OptimizerConfig = OptimizerConfig(lr=1e-3, weight_decay=1e-4)
+    quantizers: OptimizerConfig = OptimizerConfig(lr=1e-5, weight_decay=0.0)
+    grad_clip: float | None = Field(None, gt=0)
+    calibration_batches: int = Field(1, ge=1)
+    max_steps_per_epoch: int | None = Field(None, ge=1)
+    checkpoint_every: int = Field(1, ge=1)
+
+
+class MethodConfig(Section):
+    """The training method and its loss weights (see ``sqakd.methods.available_methods()``)."""
+
+    name: str = "sqakd"
+    temperature: float = Field(4.0, gt=0)
+    alpha: float = Field(1.0, ge=0)
+    gamma: float = Field(0.0, ge=0)
+    beta: float = Field(0.0, ge=0)
+    extra_loss: str | None = None
+    options: dict[str, Any] = {}
+
+
+class Config(Section):
+    run: RunConfig = RunConfig()
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    teacher: TeacherConfig = TeacherConfig()
+    quant: QuantPolicy = QuantPolicy()
+    method: MethodConfig = MethodConfig()
+    train: TrainConfig = TrainConfig()
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ValueError(f"override {dotted!r}: {key!r} is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"quant.weight_bits=2"`` -> ``("quant.weight_bits", 2)``; the value is read as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ValueError(
+            f"override {text!r} must look like key.sub=value, e.g. quant.weight_bits=2"
+        )
+    return key.strip(), yaml.safe_load(raw) if raw.strip() else None
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    base: dict[str, Any] | None = None,
+) -> Config:
+    """Read a YAML recipe (optional), apply ``key=value`` overrides, validate, return a Config."""
+    tree: dict[str, Any] = dict(base or {})
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"config file {path} does not exist; give the path to a YAML recipe")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(
+                f"config file {path} must hold a mapping of sections (run:, data:, ...)"
+            )
+        tree = _merge(tree, loaded)
+    for text in overrides or []:
+        _set_dotted(tree, *parse_override(text))
+    return validate_config(tree)
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def validate_config(tree: dict[str, Any]) -> Config:
+    """Validate a plain dict; errors name the dotted key and, for typos, the closest valid key."""
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as error:
+        raise ValueError(_describe(error)) from None
+
+
+def _describe(error: ValidationError) -> str:
+    messages = []
+    for item in error.errors():
+        location = ".".join(str(part) for part in item["loc"])
+        if item["type"] == "extra_forbidden":
+            messages.append(f"unknown config key {location!r}{_suggest(item['loc'])}")
+        else:
+            messages.append(f"config key {location!r}: {item['msg']} (got {item.get('input')!r})")
+    return "; ".join(messages)
+
+
+def _suggest(location: tuple[Any, ...]) -> str:
+    model: type[BaseModel] = Config
+    for part in location[:-1]:
+        field = model.model_fields.get(str(part))
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return ""
+        model = annotation
+    close = difflib.get_close_matches(str(location[-1]), list(model.model_fields), n=1)
+    return (
+        f"; did you mean {close[0]!r}?"
+        if close
+        else f"; valid keys: {', '.join(model.model_fields)}"
+    )
+
+
+def dump_config(config: Config) -> str:
+    """The full, resolved configuration as YAML (written into every run folder)."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

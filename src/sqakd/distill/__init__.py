@@ -1,0 +1,13 @@
+"""What the student learns from: distillation losses, registered by name."""
+
+from .kl import KLDistillation, LogitMSE, kd_kl_divergence
+from .registry import available_losses, build_loss, register_loss
+
+__all__ = [
+    "KLDistillation",
+    "LogitMSE",
+    "available_losses",
+    "build_loss",
+    "kd_kl_divergence",
+    "register_loss",
+]

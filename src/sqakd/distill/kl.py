@@ -1,0 +1,42 @@
+"""Logit distillation (Hinton et al. 2015), the loss SQAKD trains with instead of labels."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .registry import register_loss
+
+
+def kd_kl_divergence(
+    student_logits: Tensor, teacher_logits: Tensor, temperature: float = 4.0
+) -> Tensor:
+    """``T**2 * KL(softmax(teacher / T) || softmax(student / T))``, averaged over the batch.
+
+    The T**2 factor keeps gradient magnitudes independent of the temperature (Hinton et al.).
+    The teacher's logits are treated as constants.
+    """
+    log_p_student = F.log_softmax(student_logits / temperature, dim=1)
+    log_p_teacher = F.log_softmax(teacher_logits.detach() / temperature, dim=1)
+    kl = F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True)
+    return kl * temperature**2
+
+
+@register_loss("kl")
+class KLDistillation(nn.Module):
+    """:func:`kd_kl_divergence` as a module."""
+
+    def __init__(self, temperature: float = 4.0) -> None:
+        super().__init__()
+        self.temperature = temperature
+
+    def forward(self, student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+        return kd_kl_divergence(student_logits, teacher_logits, self.temperature)
+
+
+@register_loss("logit_mse")
+class LogitMSE(nn.Module):
+    """Mean squared error between student and teacher logits (a common extra logit loss)."""
+
+    def forward(self, student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+        return F.mse_loss(student_logits, teacher_logits.detach())

@@ -1,0 +1,81 @@
+"""Checkpoints that never destroy the last good one, and that load without executing code."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+
+def atomic_torch_save(state: dict[str, Any], path: str | Path) -> Path:
+    """Write ``state`` to a temporary file in the same folder, fsync it, then rename over ``path``.
+
+    The previous file at ``path`` is first kept as ``<name>.prev`` so that a crash between the
+    two renames still leaves one complete checkpoint.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            torch.save(state, stream)
+            stream.flush()
+            os.fsync(stream.fileno())
+        if path.exists():
+            os.replace(path, path.with_name(path.name + ".prev"))
+        os.replace(temp_name, path)
+    except BaseException:
+        Path(temp_name).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def safe_torch_load(path: str | Path) -> dict[str, Any]:
+    """``torch.load`` that refuses to execute code (``weights_only=True``), with readable errors."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"checkpoint {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - every failure becomes one clear line
+        raise ValueError(
+            f"checkpoint {path} cannot be read safely ({type(error).__name__}: {str(error).splitlines()[0][:160]}); "
+            "it is truncated, corrupt or not a plain weights file"
+        ) from None
+
+
+def load_training_checkpoint(path: str | Path) -> tuple[dict[str, Any], Path]:
+    """Load ``path``; if it is truncated or corrupt, fall back to ``<name>.prev`` and say so."""
+    path = Path(path)
+    try:
+        return safe_torch_load(path), path
+    except ValueError as first_error:
+        previous = path.with_name(path.name + ".prev")
+        if not previous.is_file():
+            raise
+        import logging
+
+        logging.getLogger("sqakd").warning(
+            "%s; using the previous checkpoint %s", first_error, previous
+        )
+        return safe_torch_load(previous), previous
+
+
+def save_weights(model: nn.Module, path: str | Path) -> Path:
+    """The model's ``state_dict`` as safetensors (tensors only: loads anywhere without pickle)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    temp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(temp))
+    os.replace(temp, path)
+    return path
+
+
+def load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path))

@@ -1,0 +1,95 @@
+"""What a person reads after a run: a text log, a CSV of metrics per epoch, optional TensorBoard."""
+
+from __future__ import annotations
+
+import csv
+import logging
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+LOGGER_NAME = "sqakd"
+
+
+class _TqdmHandler(logging.Handler):
+    """Console handler that prints through tqdm so that progress bars stay intact."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        tqdm.write(self.format(record))
+
+
+def get_logger() -> logging.Logger:
+    return logging.getLogger(LOGGER_NAME)
+
+
+def setup_console_logging(level: int = logging.INFO) -> logging.Logger:
+    logger = get_logger()
+    logger.setLevel(level)
+    if not any(isinstance(h, _TqdmHandler) for h in logger.handlers):
+        handler = _TqdmHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+    logger.propagate = False
+    return logger
+
+
+class RunLog:
+    """Writes ``train.log`` and ``metrics.csv`` into the run folder (and TensorBoard events)."""
+
+    def __init__(self, folder: Path, tensorboard: bool = False, enabled: bool = True) -> None:
+        self.folder = folder
+        self.enabled = enabled
+        self.logger = setup_console_logging()
+        self._file_handler: logging.Handler | None = None
+        self._writer = None
+        if not enabled:
+            return
+        folder.mkdir(parents=True, exist_ok=True)
+        self._file_handler = logging.FileHandler(folder / "train.log")
+        self._file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        self.logger.addHandler(self._file_handler)
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                self.logger.warning(
+                    "TensorBoard is not installed (pip install tensorboard); writing CSV only"
+                )
+            else:
+                self._writer = SummaryWriter(str(folder / "tensorboard"))
+
+    def info(self, message: str, *args: Any) -> None:
+        self.logger.info(message, *args)
+
+    def metrics(self, row: dict[str, Any], step: int) -> None:
+        """Append one row to metrics.csv (header from the first row) and to TensorBoard."""
+        if not self.enabled:
+            return
+        path = self.folder / "metrics.csv"
+        new = not path.exists()
+        with path.open("a", newline="") as stream:
+            writer = csv.DictWriter(stream, fieldnames=list(row))
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+        if self._writer is not None:
+            for key, value in row.items():
+                if isinstance(value, (int, float)) and key != "epoch":
+                    self._writer.add_scalar(key, value, step)
+            self._writer.flush()
+
+    def close(self) -> None:
+        if self._file_handler is not None:
+            self.logger.removeHandler(self._file_handler)
+            self._file_handler.close()
+        if self._writer is not None:
+            self._writer.close()
+
+
+def read_metrics(folder: Path) -> list[dict[str, str]]:
+    path = folder / "metrics.csv"
+    if not path.exists():
+        return []
+    with path.open() as stream:
+        return list(csv.DictReader(stream))

@@ -1,0 +1,439 @@
+"""The flow a reader should see, one call per arrow:
+
+config -> data -> teacher (build + safe load) -> student = prepare(copy of teacher, policy)
+       -> calibrate -> Trainer(method).fit -> evaluate -> weights, summary, plot in the run folder
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import platform
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import data as datasets
+from . import models
+from .config import Config, DataConfig, dump_config
+from .engine import (
+    FitResult,
+    RunLog,
+    Trainer,
+    evaluate,
+    resolve_device,
+    save_weights,
+    seed_everything,
+)
+from .methods import Method, build_method
+from .quant import calibrate, describe, prepare, quantized_layers, quantizer_parameters
+
+RUN_MARKERS = ("config.yaml", "metrics.csv", "checkpoints", "summary.json")
+
+
+@dataclass
+class DataBundle:
+    """Decoded data for a run, with what the model needs to know about it."""
+
+    train: datasets.ImageArray
+    val: datasets.ImageArray | None
+    test: datasets.ImageArray | None
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    num_classes: int | None
+    in_channels: int
+    image_size: tuple[int, int]
+
+
+@dataclass
+class RunResult:
+    """What a run reports: accuracies (percent), speed, sizes, and where its files are."""
+
+    run_dir: str
+    method: str
+    weight_bits: int | None
+    act_bits: int | None
+    labels_used: bool
+    epochs: int
+    last: dict[str, float] = field(default_factory=dict)
+    best: dict[str, float] = field(default_factory=dict)
+    best_epoch: int = 0
+    validation: dict[str, float] = field(default_factory=dict)
+    teacher: dict[str, float] = field(default_factory=dict)
+    images_per_second: float = 0.0
+    minutes: float = 0.0
+    float_bytes: int = 0
+    quantized_bytes: int = 0
+    machine: str = field(
+        default_factory=lambda: f"{platform.machine()}, {torch.get_num_threads()} threads"
+    )
+
+
+# ----------------------------------------------------------------------------------------- data
+def load_data(config: DataConfig, seed: int = 0, need_train: bool = True) -> DataBundle:
+    """Decode (or read from cache) the train/test splits and derive normalisation statistics."""
+    if config.root is None:
+        raise ValueError(
+            "data.root is not set; point it at your image folder (e.g. data.root=/path/to/cifar10)"
+        )
+    read = lambda split: datasets.load_images(  # noqa: E731
+        config.format, config.root, split=split, resize=config.resize, cache_dir=config.cache_dir
+    )
+    test = read(config.test_split) if config.test_split else None
+    if test is not None and config.limit_test:
+        test = test.subset(range(min(config.limit_test, len(test))))
+    train = read(config.train_split) if need_train else test
+    if train is None:
+        raise ValueError(
+            "data.test_split is not set and no training split is read; set data.test_split"
+        )
+    if config.mean is not None and config.std is not None:
+        mean, std = tuple(config.mean), tuple(config.std)
+    else:
+        mean, std = datasets.channel_stats(train)  # from the full training split, before any limit
+    if config.limit_train and need_train:
+        generator = torch.Generator().manual_seed(seed)
+        order = torch.randperm(len(train), generator=generator)[: config.limit_train].sort().values
+        train = train.subset(order.tolist())
+    val = None
+    if config.val_fraction > 0 and need_train:
+        train, val = train.split(config.val_fraction, seed)
+    num_classes = train.num_classes or (test.num_classes if test is not None else None)
+    height, width, channels = train.images.shape[1:4]
+    return DataBundle(
+        train, val, test, tuple(mean), tuple(std), num_classes, channels, (height, width)
+    )
+
+
+def make_loaders(
+    bundle: DataBundle,
+    config: Config,
+    device: torch.device,
+    with_labels: bool,
+    shard: tuple[int, int] | None = None,
+) -> tuple[Any, Any, Any]:
+    """Training loader (augmented, labels only if the method reads them) and evaluation loaders."""
+    data = config.data
+    augment = datasets.BatchAugment(
+        pad=data.augment.crop_padding, flip=data.augment.flip, mean=bundle.mean, std=bundle.std
+    )
+    train = datasets.BatchLoader(
+        bundle.train,
+        data.batch_size,
+        shuffle=True,
+        augment=augment,
+        mean=bundle.mean,
+        std=bundle.std,
+        drop_last=True,
+        seed=config.run.seed,
+        device=device,
+        with_labels=with_labels,
+        shard=shard,
+    )
+    if len(train) == 0:
+        raise ValueError(
+            f"{len(bundle.train)} training images are fewer than one batch of {data.batch_size}; "
+            "lower data.batch_size"
+        )
+
+    def evaluation(part: datasets.ImageArray | None) -> Any:
+        if part is None:
+            return None
+        return datasets.BatchLoader(
+            part,
+            data.eval_batch_size,
+            shuffle=False,
+            mean=bundle.mean,
+            std=bundle.std,
+            device=device,
+        )
+
+    return train, evaluation(bundle.val), evaluation(bundle.test)
+
+
+# --------------------------------------------------------------------------------------- models
+def build_network(config: Config, bundle: DataBundle) -> nn.Module:
+    num_classes = config.model.num_classes or bundle.num_classes
+    if num_classes is None:
+        raise ValueError("the data has no labels to count classes; set model.num_classes")
+    if (
+        config.model.num_classes
+        and bundle.num_classes
+        and config.model.num_classes != bundle.num_classes
+    ):
+        raise ValueError(
+            f"model.num_classes is {config.model.num_classes} but the data has {bundle.num_classes} classes; "
+            "remove model.num_classes or use matching data"
+        )
+    in_channels = config.model.in_channels or bundle.in_channels
+    return models.build_model(
+        config.model.name, num_classes=num_classes, in_channels=in_channels, **config.model.kwargs
+    )
+
+
+def load_teacher(config: Config, bundle: DataBundle, device: torch.device) -> nn.Module:
+    """The full-precision teacher: the configured architecture with the checkpoint's weights."""
+    if config.teacher.checkpoint is None:
+        raise ValueError(
+            "this method needs a full-precision teacher; set teacher.checkpoint (train one with `sqakd train`)"
+        )
+    teacher = build_network(config, bundle)
+    try:
+        models.load_weights(teacher, config.teacher.checkpoint)
+    except ValueError as error:
+        raise ValueError(
+            f"teacher checkpoint {config.teacher.checkpoint} does not fit model {config.model.name!r} with "
+            f"{bundle.num_classes} classes (teacher/student class-count or architecture mismatch): {error}"
+        ) from None
+    return teacher.to(device).eval()
+
+
+# ------------------------------------------------------------------------------------ run folder
+def prepare_run_folder(config: Config, resume: bool = False) -> Path:
+    """Create the run folder; refuse to overwrite an earlier run unless asked to."""
+    folder = Path(config.run.output)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"run.output {folder} is a file, not a folder; choose another run.output")
+    earlier = folder.is_dir() and any((folder / marker).exists() for marker in RUN_MARKERS)
+    if earlier and not (config.run.overwrite or resume):
+        raise ValueError(
+            f"run folder {folder} already holds a run; pass --overwrite to replace it, --resume to continue it, "
+            "or choose another run.output"
+        )
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.yaml").write_text(dump_config(config))
+    return folder
+
+
+def _setup(config: Config) -> torch.device:
+    seed_everything(config.run.seed, config.run.deterministic)
+    if config.run.threads:
+        torch.set_num_threads(config.run.threads)
+    return resolve_device(config.run.device)
+
+
+# ------------------------------------------------------------------------------------- the jobs
+def train_teacher(config: Config, resume: bool = False) -> RunResult:
+    """Train a full-precision model with labels (``sqakd train``)."""
+    config = config.model_copy(
+        update={"method": config.method.model_copy(update={"name": "supervised"})}
+    )
+    return run(config, resume=resume)
+
+
+def quantize(config: Config, resume: bool = False) -> RunResult:
+    """Quantization-aware training of a copy of the teacher with the configured method."""
+    return run(config, resume=resume)
+
+
+def run(config: Config, resume: bool = False) -> RunResult:
+    """Build everything the config names, train, evaluate, and write the run folder."""
+    device = _setup(config)
+    method = build_method(config.method)
+    bundle = load_data(config.data, config.run.seed)
+    # record the normalisation in the run's config.yaml so that eval and export reuse it exactly
+    config = config.model_copy(
+        update={"data": config.data.model_copy(update={"mean": bundle.mean, "std": bundle.std})}
+    )
+    folder = prepare_run_folder(config, resume)
+    log = RunLog(folder, tensorboard=config.run.tensorboard)
+    try:
+        return _run(config, method, bundle, folder, log, device, resume)
+    finally:
+        log.close()
+
+
+def _run(
+    config: Config,
+    method: Method,
+    bundle: DataBundle,
+    folder: Path,
+    log: RunLog,
+    device: torch.device,
+    resume: bool,
+) -> RunResult:
+    train_loader, val_loader, test_loader = make_loaders(
+        bundle, config, device, with_labels=method.needs_labels
+    )
+    teacher = (
+        load_teacher(config, bundle, device)
+        if method.needs_teacher or config.teacher.checkpoint
+        else None
+    )
+    teacher_metrics = (
+        evaluate(teacher, test_loader, device) if teacher is not None and test_loader else {}
+    )
+    if teacher_metrics:
+        log.info(
+            "teacher: top-1 %.2f %%, top-5 %.2f %%",
+            teacher_metrics["top1"],
+            teacher_metrics["top5"],
+        )
+    student = build_student(config, method, bundle, teacher, device)
+    if method.quantizes_student:
+        log.info("quantization plan:\n%s", describe(student))
+        calibrate(student, (images for images, _ in train_loader), config.train.calibration_batches)
+    log.info(
+        "method %s, %d training images (%s), %d epochs, %d steps per epoch, device %s",
+        config.method.name,
+        len(bundle.train),
+        "labels used" if method.needs_labels else "no labels read",
+        config.train.epochs,
+        len(train_loader),
+        device,
+    )
+    trainer = Trainer(
+        student,
+        teacher,
+        method,
+        train_loader,
+        config.train,
+        device,
+        log,
+        eval_loader=test_loader,
+        val_loader=val_loader,
+        checkpoint_dir=folder / "checkpoints",
+        progress=config.run.progress,
+    )
+    last_checkpoint = folder / "checkpoints" / "last.pt"
+    if resume and (last_checkpoint.exists() or last_checkpoint.with_name("last.pt.prev").exists()):
+        trainer.resume(last_checkpoint)
+    fit = trainer.fit()
+    save_weights(student, folder / "model.safetensors")
+    result = _result(config, method, fit, teacher_metrics, student, folder)
+    (folder / "summary.json").write_text(json.dumps(asdict(result), indent=2))
+    plot_history(
+        fit.history, folder / "curves.png", title=f"{config.method.name} {_bits_label(result)}"
+    )
+    log.info(
+        "done: last top-1 %.2f %%, best top-1 %.2f %% (epoch %d); files in %s",
+        fit.last.get("top1", float("nan")),
+        fit.best.get("top1", float("nan")),
+        fit.best_epoch,
+        folder,
+    )
+    return result
+
+
+def build_student(
+    config: Config,
+    method: Method,
+    bundle: DataBundle,
+    teacher: nn.Module | None,
+    device: torch.device,
+) -> nn.Module:
+    """A copy of the teacher (or a fresh network) prepared with the quant policy when the method
+    quantizes."""
+    base = (
+        copy.deepcopy(teacher) if teacher is not None else build_network(config, bundle).to(device)
+    )
+    if teacher is not None:
+        for parameter in base.parameters():
+            parameter.requires_grad_(True)
+    if not method.quantizes_student:
+        return base.train()
+    return prepare(base, config.quant).to(device).train()
+
+
+def _bits_label(result: RunResult) -> str:
+    if result.weight_bits is None:
+        return "float"
+    return f"W{result.weight_bits}A{result.act_bits}"
+
+
+def _result(
+    config: Config,
+    method: Method,
+    fit: FitResult,
+    teacher_metrics: dict[str, float],
+    student: nn.Module,
+    folder: Path,
+) -> RunResult:
+    quantized = method.quantizes_student
+    float_bytes, quantized_bytes = weight_storage_bytes(student)
+    return RunResult(
+        run_dir=str(folder),
+        method=config.method.name,
+        weight_bits=config.quant.weight_bits if quantized else None,
+        act_bits=config.quant.act_bits if quantized else None,
+        labels_used=method.needs_labels,
+        epochs=config.train.epochs,
+        last=fit.last,
+        best=fit.best,
+        best_epoch=fit.best_epoch,
+        validation=fit.validation,
+        teacher=teacher_metrics,
+        images_per_second=fit.images_per_second,
+        minutes=fit.seconds / 60,
+        float_bytes=float_bytes,
+        quantized_bytes=quantized_bytes,
+    )
+
+
+def weight_storage_bytes(model: nn.Module) -> tuple[int, int]:
+    """(bytes of the parameters as float32, bytes with each quantized weight at its bit-width).
+    Quantizer parameters (a few scalars per layer) are counted in neither."""
+    quantizer_owned = {id(p) for p in quantizer_parameters(model)}
+    float_bytes = sum(p.numel() * 4 for p in model.parameters() if id(p) not in quantizer_owned)
+    saved_bits = sum(
+        layer.weight.numel() * (32 - layer.weight_quantizer.bits)
+        for _, layer in quantized_layers(model)
+        if layer.weight_quantizer is not None
+    )
+    return float_bytes, float_bytes - saved_bits // 8
+
+
+def plot_history(history: list[dict[str, Any]], path: Path, title: str = "") -> None:
+    """Training loss and test/validation top-1 per epoch, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [row["epoch"] for row in history]
+    figure, (loss_axis, accuracy_axis) = plt.subplots(1, 2, figsize=(9, 3.5))
+    loss_axis.plot(epochs, [row.get("train_loss", float("nan")) for row in history], marker="o")
+    loss_axis.set(xlabel="epoch", ylabel="training loss", title="loss")
+    for key, label in (("test_top1", "test"), ("val_top1", "validation")):
+        if any(key in row for row in history):
+            accuracy_axis.plot(
+                epochs, [row.get(key, float("nan")) for row in history], marker="o", label=label
+            )
+    accuracy_axis.set(xlabel="epoch", ylabel="top-1 (%)", title="accuracy")
+    if accuracy_axis.lines:
+        accuracy_axis.legend()
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def evaluate_model(config: Config, weights: Path | None = None) -> dict[str, float]:
+    """Accuracy of a float or quantized model (``sqakd eval``): the config's architecture and
+    policy, with weights from ``weights`` (a run's model.safetensors or a teacher checkpoint)."""
+    device = _setup(config)
+    bundle = load_data(config.data, config.run.seed, need_train=config.data.mean is None)
+    if bundle.test is None:
+        raise ValueError("evaluation needs a labeled test split; set data.test_split")
+    network = build_network(config, bundle)
+    path = weights or config.teacher.checkpoint
+    if path is None:
+        raise ValueError(
+            "give the weights to evaluate: --weights path (model.safetensors or a checkpoint)"
+        )
+    state = models.read_state_dict(path)
+    if any(key.endswith("_quantizer.initialized") for key in state):
+        network = prepare(network, config.quant)
+    models.load_weights(network, state)
+    test_loader = datasets.BatchLoader(
+        bundle.test,
+        config.data.eval_batch_size,
+        shuffle=False,
+        mean=bundle.mean,
+        std=bundle.std,
+        device=device,
+    )
+    return evaluate(network.to(device), test_loader, device)

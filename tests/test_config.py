@@ -1,0 +1,56 @@
+import pytest
+
+from sqakd.config import load_config, parse_override
+
+
+def test_defaults_are_the_released_code_settings():
+    config = load_config()
+    assert config.method.name == "sqakd"
+    assert (
+        config.method.temperature,
+        config.method.alpha,
+        config.method.gamma,
+        config.method.beta,
+    ) == (4, 1, 0, 0)
+    assert (
+        config.train.weights.name,
+        config.train.weights.lr,
+        config.train.weights.weight_decay,
+    ) == ("adam", 1e-3, 1e-4)
+    assert (config.train.quantizers.lr, config.train.quantizers.schedule) == (1e-5, "cosine")
+
+
+def test_yaml_and_overrides(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("quant:\n  method: lsq\n  weight_bits: 4\nmodel:\n  name: resnet20\n")
+    config = load_config(
+        recipe, ["quant.weight_bits=2", "quant.overrides={'layer3.*': {weight_bits: 8}}"]
+    )
+    assert config.quant.method == "lsq"
+    assert config.quant.weight_bits == 2
+    assert config.quant.overrides["layer3.*"].weight_bits == 8
+
+
+def test_typo_names_the_key_and_suggests():
+    with pytest.raises(
+        ValueError, match=r"unknown config key 'data.bacth_size'.*did you mean 'batch_size'"
+    ):
+        load_config(None, ["data.bacth_size=64"])
+
+
+def test_wrong_type_names_the_key():
+    with pytest.raises(ValueError, match="'train.epochs'"):
+        load_config(None, ["train.epochs=many"])
+
+
+@pytest.mark.parametrize("bits", [0, 9, 16])
+def test_bits_out_of_range(bits):
+    with pytest.raises(ValueError, match="quant.weight_bits.*1..8"):
+        load_config(None, [f"quant.weight_bits={bits}"])
+
+
+def test_bad_override_syntax_and_missing_file(tmp_path):
+    with pytest.raises(ValueError, match="key.sub=value"):
+        parse_override("quant.weight_bits")
+    with pytest.raises(ValueError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
