@@ -104,7 +104,7 @@ class Trainer:
         loss = output.total
         if not torch.isfinite(loss):
             raise TrainingDiverged(
-                f"loss became {float(loss)} at epoch {self.epoch + 1}, step {self.step}; the last good "
+                f"loss became {float(loss.detach())} at epoch {self.epoch + 1}, step {self.step}; the last good "
                 "checkpoint is kept. Lower train.weights.lr or set train.grad_clip (e.g. 5.0)"
             )
         for optimizer in self.optimizers.values():

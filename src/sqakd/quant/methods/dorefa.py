@@ -6,7 +6,7 @@ Weights, b >= 2 bits (n = 2**b - 1)::
     w_t = tanh(w) / (2 max|tanh(w)|) + 1/2                   # in [0, 1]
     out = 2 round(w_t * n) / n - 1                            # n + 1 levels in [-1, 1]
 
-Weights, b = 1: ``out = sign(w) * mean|w|`` (``E`` is not differentiated; ``sign(0) = +1``).
+Weights, b = 1: ``out = sign(w) * mean|w|``, ``sign(0) = +1``; backward ``d out / d w = 1``.
 Activations: ``out = round(clip(x, 0, 1) * n) / n``. ``round`` is the identity in the backward
 (STE); the gradient flows through ``tanh`` and ``max`` as in the released code.
 
@@ -47,8 +47,8 @@ def dorefa_weight(w: Tensor, bits: int, per_channel: bool = False) -> Tensor:
     """DoReFa's weight quantizer (see the module docstring) with the STE for ``round``/``sign``."""
     if bits == 1:
         mean_abs = per_channel_reduce(w, 0, "absmean") if per_channel else w.detach().abs().mean()
-        sign = torch.where(w >= 0, 1.0, -1.0).to(w.dtype)
-        return broadcast_channels(mean_abs, w, 0) * (w + (sign - w).detach())
+        binary = torch.where(w >= 0, 1.0, -1.0).to(w.dtype) * broadcast_channels(mean_abs, w, 0)
+        return w + (binary - w).detach()
     n = 2**bits - 1
     return 2 * round_ste(_normalised_weight(w, per_channel) * n) / n - 1
 

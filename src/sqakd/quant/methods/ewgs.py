@@ -155,7 +155,7 @@ def hutchinson_trace(grad: Tensor, point: Tensor, probes: int = 50, tol: float =
         previous = sum(estimates) / len(estimates) if estimates else None
         estimates.append(0.0 if product is None else float((product * probe).sum()))
         current = sum(estimates) / len(estimates)
-        if previous is not None and abs(current - previous) <= tol * (abs(previous) + 1e-6):
+        if previous is not None and abs(current - previous) < tol * (abs(previous) + 1e-6):
             break
     return sum(estimates) / len(estimates)
 
