@@ -21,6 +21,8 @@ class Section(BaseModel):
 
 
 class RunConfig(Section):
+    """Where the run's files go and how it runs."""
+
     output: Path = Path("runs/run")
     overwrite: bool = False
     seed: int = 0
@@ -46,6 +48,8 @@ class AugmentConfig(Section):
 
 
 class DataConfig(Section):
+    """Which images to read and how to batch and augment them."""
+
     format: str = "folder"
     root: Path | None = None
     train_split: str = "train"
@@ -63,6 +67,8 @@ class DataConfig(Section):
 
 
 class ModelConfig(Section):
+    """The architecture (a registered name or `package.module:function`)."""
+
     name: str = "resnet20"
     num_classes: int | None = None
     in_channels: int | None = None
@@ -70,6 +76,8 @@ class ModelConfig(Section):
 
 
 class TeacherConfig(Section):
+    """The full-precision teacher's weights."""
+
     checkpoint: Path | None = None
 
 
@@ -85,6 +93,8 @@ class OptimizerConfig(Section):
 
 
 class TrainConfig(Section):
+    """Epochs, the two optimizers (model weights, quantizer parameters) and checkpoints."""
+
     epochs: int = Field(1, ge=1)
     weights: OptimizerConfig = OptimizerConfig(lr=1e-3, weight_decay=1e-4)
     quantizers: OptimizerConfig = OptimizerConfig(lr=1e-5, weight_decay=0.0)
@@ -207,3 +217,30 @@ def _suggest(location: tuple[Any, ...]) -> str:
 def dump_config(config: Config) -> str:
     """The full, resolved configuration as YAML (written into every run folder)."""
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+def config_reference() -> str:
+    """Markdown reference of every key with its type and default (docs/configuration.md)."""
+    lines = [
+        "# Configuration reference",
+        "",
+        "Generated from `sqakd/config.py` by `python -m sqakd.config > docs/configuration.md`",
+        "(a test checks that this file matches the code). Set keys in a YAML recipe or with",
+        "`-s section.key=value` on the command line.",
+        "",
+    ]
+    for section_name, field in Config.model_fields.items():
+        section = field.annotation
+        doc = (section.__doc__ or "").strip().splitlines()[0] if section.__doc__ else ""
+        lines += [f"## `{section_name}`", "", doc, "", "| key | type | default |", "|---|---|---|"]
+        defaults = getattr(Config(), section_name).model_dump(mode="json")
+        for key, sub in section.model_fields.items():
+            kind = str(sub.annotation).replace("typing.", "").replace("pathlib.", "")
+            kind = kind.replace("<class '", "").replace("'>", "").replace("|", "\\|")
+            lines.append(f"| `{section_name}.{key}` | {kind} | `{defaults[key]}` |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(config_reference())

@@ -105,8 +105,9 @@ def test_per_channel_weight_ranges_differ_per_channel():
     assert binary.grid().axis == 0
 
 
-@pytest.mark.parametrize("role,bits,per_channel", [("weight", 3, False), ("weight", 1, True),
-                                                  ("activation", 3, False)])
+@pytest.mark.parametrize(
+    "role,bits,per_channel", [("weight", 3, False), ("weight", 1, True), ("activation", 3, False)]
+)
 def test_state_dict_round_trip(role, bits, per_channel):
     torch.manual_seed(3)
     x = torch.randn(4, 6)
@@ -118,9 +119,16 @@ def test_state_dict_round_trip(role, bits, per_channel):
     torch.testing.assert_close(fresh(x), q(x), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("role,bits,per_channel", [("weight", 4, False), ("weight", 1, False),
-                                                  ("weight", 1, True), ("weight", 2, True),
-                                                  ("activation", 4, False)])
+@pytest.mark.parametrize(
+    "role,bits,per_channel",
+    [
+        ("weight", 4, False),
+        ("weight", 1, False),
+        ("weight", 1, True),
+        ("weight", 2, True),
+        ("activation", 4, False),
+    ],
+)
 def test_grid_dequantize_codes_equals_forward(role, bits, per_channel):
     torch.manual_seed(4)
     x = torch.randn(5, 8)
@@ -129,9 +137,15 @@ def test_grid_dequantize_codes_equals_forward(role, bits, per_channel):
     torch.testing.assert_close(q.grid().dequantize(q.codes(x)), out)
 
 
-@pytest.mark.parametrize("kwargs", [dict(bits=0), dict(bits=9),
-                                    dict(bits=4, role="activation", per_channel=True),
-                                    dict(bits=4, role="activation", signed=True)])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(bits=0),
+        dict(bits=9),
+        dict(bits=4, role="activation", per_channel=True),
+        dict(bits=4, role="activation", signed=True),
+    ],
+)
 def test_bad_arguments_raise(kwargs):
     with pytest.raises(ValueError):
         DoReFaQuantizer(**kwargs)

@@ -121,7 +121,9 @@ def test_per_channel_interval_per_channel():
     assert q.grid().axis == 0
 
 
-@pytest.mark.parametrize("role,per_channel", [("weight", False), ("weight", True), ("activation", False)])
+@pytest.mark.parametrize(
+    "role,per_channel", [("weight", False), ("weight", True), ("activation", False)]
+)
 def test_state_dict_round_trip(role, per_channel):
     torch.manual_seed(2)
     x = torch.randn(4, 6)
@@ -136,7 +138,9 @@ def test_state_dict_round_trip(role, per_channel):
     assert float(fresh.delta) == pytest.approx(0.01)
 
 
-@pytest.mark.parametrize("role,per_channel", [("weight", False), ("weight", True), ("activation", False)])
+@pytest.mark.parametrize(
+    "role,per_channel", [("weight", False), ("weight", True), ("activation", False)]
+)
 def test_grid_dequantize_codes_equals_forward(role, per_channel):
     torch.manual_seed(3)
     x = torch.randn(5, 8)
@@ -145,8 +149,9 @@ def test_grid_dequantize_codes_equals_forward(role, per_channel):
     torch.testing.assert_close(q.grid().dequantize(q.codes(x)), out)
 
 
-@pytest.mark.parametrize("kwargs", [dict(bits=0), dict(bits=9),
-                                    dict(bits=4, role="activation", per_channel=True)])
+@pytest.mark.parametrize(
+    "kwargs", [dict(bits=0), dict(bits=9), dict(bits=4, role="activation", per_channel=True)]
+)
 def test_bad_arguments_raise(kwargs):
     with pytest.raises(ValueError):
         EWGSQuantizer(**kwargs)
@@ -179,8 +184,11 @@ def quadratic_loss(model, x):
 
 def test_update_ewgs_deltas_matches_hand_computed_hessian():
     model = Elementwise()
-    batches = [torch.tensor([0.1, 0.45, 0.9, 0.2]), torch.tensor([0.7, 0.05, 0.4, 1.3]),
-               torch.tensor([9.0, 9.0, 9.0, 9.0])]  # the third is beyond num_batches
+    batches = [
+        torch.tensor([0.1, 0.45, 0.9, 0.2]),
+        torch.tensor([0.7, 0.05, 0.4, 1.3]),
+        torch.tensor([9.0, 9.0, 9.0, 9.0]),
+    ]  # the third is beyond num_batches
     deltas = update_ewgs_deltas(model, quadratic_loss, batches, num_batches=2)
 
     # weight: x_n = [.05 .4 .65 .9] -> r = [0 1/3 2/3 1], w_q = 0.5 (2r - 1) = [-.5 -1/6 1/6 .5]
@@ -201,8 +209,9 @@ def test_update_ewgs_deltas_matches_hand_computed_hessian():
 
 def test_negative_curvature_clips_delta_to_zero():
     model = Elementwise()
-    deltas = update_ewgs_deltas(model, lambda m, x: -quadratic_loss(m, x),
-                                [torch.tensor([0.1, 0.45, 0.9, 0.2])])
+    deltas = update_ewgs_deltas(
+        model, lambda m, x: -quadratic_loss(m, x), [torch.tensor([0.1, 0.45, 0.9, 0.2])]
+    )
     assert deltas == {"weight_quantizer": 0.0, "act_quantizer": 0.0}
 
 

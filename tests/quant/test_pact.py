@@ -88,10 +88,10 @@ def test_alpha_gradient_only_where_x_reaches_alpha():
 
 
 def test_alpha_initialisation():
-    assert float(PACTQuantizer(4, "activation").alpha) == 10.0
+    assert PACTQuantizer(4, "activation").alpha.item() == 10.0
     q = PACTQuantizer(4, "activation", init_alpha="max")
     q(torch.tensor([0.5, 3.5, -2.0]))
-    assert float(q.alpha) == 3.5
+    assert q.alpha.item() == 3.5
 
 
 def test_per_channel_weight_ranges_differ_per_channel():
@@ -123,11 +123,17 @@ def test_grid_dequantize_codes_equals_forward(role):
         torch.testing.assert_close(q.grid().scale, torch.tensor(1.3 / 15))
 
 
-@pytest.mark.parametrize("kwargs", [dict(bits=0), dict(bits=9),
-                                    dict(bits=4, role="activation", per_channel=True),
-                                    dict(bits=4, role="activation", signed=True),
-                                    dict(bits=4, role="activation", init_alpha=-1.0),
-                                    dict(bits=4, role="activation", init_alpha="min")])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(bits=0),
+        dict(bits=9),
+        dict(bits=4, role="activation", per_channel=True),
+        dict(bits=4, role="activation", signed=True),
+        dict(bits=4, role="activation", init_alpha=-1.0),
+        dict(bits=4, role="activation", init_alpha="min"),
+    ],
+)
 def test_bad_arguments_raise(kwargs):
     with pytest.raises(ValueError):
         PACTQuantizer(**kwargs)

@@ -219,10 +219,14 @@ class Quantizer(nn.Module):
 
 
 def round_ste(x: Tensor) -> Tensor:
-    """``round`` in the forward, identity gradient in the backward (the straight-through estimator)."""
-    return x + (torch.round(x) - x).detach()
+    """``round`` in the forward, identity gradient in the backward (the straight-through estimator).
+
+    Written as ``round(x) + (x - x.detach())`` so the forward is exactly ``round(x)``."""
+    return torch.round(x).detach() + (x - x.detach())
 
 
 def scale_gradient(x: Tensor, factor: float) -> Tensor:
-    """Identity in the forward; multiplies the gradient by ``factor`` (LSQ's gradient scale)."""
-    return (x - x * factor).detach() + x * factor
+    """Identity in the forward (exactly ``x``); multiplies the gradient by ``factor`` (LSQ's
+    gradient scale)."""
+    scaled = x * factor
+    return x.detach() + (scaled - scaled.detach())

@@ -43,12 +43,17 @@ def _normalised_weight(w: Tensor, per_channel: bool) -> Tensor:
     return t / (2 * peak.clamp_min(1e-12)) + 0.5
 
 
+def _mean_abs(w: Tensor, per_channel: bool) -> Tensor:
+    """``E = mean|w|`` (per output channel if asked), not differentiated."""
+    return per_channel_reduce(w, 0, "absmean") if per_channel else w.detach().abs().mean()
+
+
 def dorefa_weight(w: Tensor, bits: int, per_channel: bool = False) -> Tensor:
     """DoReFa's weight quantizer (see the module docstring) with the STE for ``round``/``sign``."""
     if bits == 1:
-        mean_abs = per_channel_reduce(w, 0, "absmean") if per_channel else w.detach().abs().mean()
+        mean_abs = _mean_abs(w, per_channel)
         binary = torch.where(w >= 0, 1.0, -1.0).to(w.dtype) * broadcast_channels(mean_abs, w, 0)
-        return w + (binary - w).detach()
+        return binary + (w - w.detach())  # exactly +-E forward, identity gradient
     n = 2**bits - 1
     return 2 * round_ste(_normalised_weight(w, per_channel) * n) / n - 1
 
@@ -70,8 +75,8 @@ class DoReFaQuantizer(Quantizer):
                 f"{self.method} activations are clipped to [0, range]; drop signed=True "
                 f"(use lsq+ for activations with negative values)"
             )
-        # mean|w| of the last 1-bit weight seen (the grid's scale); unused otherwise
-        self.register_buffer("binary_scale", torch.tensor(1.0))
+        if role == "weight" and bits == 1:  # E = mean|w| of the last weight seen: the grid scale
+            self.register_buffer("binary_scale", torch.tensor(1.0))
 
     @property
     def num_steps(self) -> int:
@@ -84,9 +89,7 @@ class DoReFaQuantizer(Quantizer):
 
     def quantize_weight(self, w: Tensor) -> Tensor:
         if self.bits == 1:
-            with torch.no_grad():
-                mean_abs = per_channel_reduce(w, 0, "absmean") if self.per_channel else w.abs().mean()
-                self.binary_scale.data = mean_abs.to(self.binary_scale.dtype)
+            self.binary_scale.data = _mean_abs(w, self.per_channel).to(self.binary_scale.dtype)
         return dorefa_weight(w, self.bits, self.per_channel)
 
     def codes(self, x: Tensor) -> Tensor:
@@ -107,5 +110,6 @@ class DoReFaQuantizer(Quantizer):
             axis = 0 if scale.dim() > 0 else None
             return QuantGrid(1, 0, 1, scale, half, scale, half, axis)
         # value = 2 q / n - 1 = (2 / n) (q - n / 2); the input pair maps w_t (not w) to codes
-        return QuantGrid(self.bits, 0, n, torch.tensor(2.0 / n), torch.tensor(n / 2),
-                         torch.tensor(1.0 / n), zero)
+        return QuantGrid(
+            self.bits, 0, n, torch.tensor(2.0 / n), torch.tensor(n / 2), torch.tensor(1.0 / n), zero
+        )

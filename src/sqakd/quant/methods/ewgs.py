@@ -124,9 +124,8 @@ class EWGSQuantizer(Quantizer):
         input_scale = width / n
         input_zero_point = -self.lower.detach() / input_scale
         if self.role == "activation":
-            one = torch.ones_like(width)
-            return QuantGrid(self.bits, 0, n, one / n, torch.zeros_like(width), input_scale,
-                             input_zero_point, None)
+            one, zero = torch.ones_like(width), torch.zeros_like(width)
+            return QuantGrid(self.bits, 0, n, one / n, zero, input_scale, input_zero_point)
         # value = |s| * (2 q / n - 1) = (2 |s| / n) * (q - n / 2)
         scale = 2.0 * self.output_scale.detach().abs() / n * torch.ones_like(width)
         zero_point = torch.full_like(width, n / 2)
@@ -176,8 +175,11 @@ def update_ewgs_deltas(
     the released code. The model's train/eval mode is left as the caller set it (the released
     code runs in train mode). Returns ``{quantizer name: new delta}``; STE quantizers are skipped.
     """
-    targets = [(name, q) for name, q in model.named_modules()
-               if isinstance(q, EWGSQuantizer) and not isinstance(q, STEQuantizer)]
+    targets = [
+        (name, q)
+        for name, q in model.named_modules()
+        if isinstance(q, EWGSQuantizer) and not isinstance(q, STEQuantizer)
+    ]
     if not targets:
         raise ValueError("the model has no EWGS quantizer; prepare it with method 'ewgs' first")
     totals = {name: 0.0 for name, _ in targets}
@@ -193,8 +195,9 @@ def update_ewgs_deltas(
             if not reached:
                 continue
             # autograd.grad rather than backward(): the parameters' .grad stay untouched
-            grads = torch.autograd.grad(loss, [r for _, r in reached], create_graph=True,
-                                        allow_unused=True)
+            grads = torch.autograd.grad(
+                loss, [r for _, r in reached], create_graph=True, allow_unused=True
+            )
             for (name, rounded), grad in zip(reached, grads):
                 if grad is None or rounded.numel() < 2:
                     continue

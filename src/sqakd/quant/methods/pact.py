@@ -63,7 +63,7 @@ class PACTQuantizer(DoReFaQuantizer):
         n = self.num_steps
         clipped = torch.where(x < self.alpha, x.clamp_min(0.0), self.alpha)
         quantized = torch.round(clipped * n / self.alpha) * self.alpha / n
-        return clipped + (quantized - clipped).detach()
+        return quantized.detach() + (clipped - clipped.detach())  # STE around the rounding
 
     @torch.no_grad()
     def grid(self) -> QuantGrid:
