@@ -54,6 +54,8 @@ class DataConfig(Section):
     root: Path | None = None
     train_split: str = "train"
     test_split: str | None = "test"
+    test_format: str | None = None
+    test_root: Path | None = None
     resize: tuple[int, int] | None = None
     val_fraction: float = Field(0.0, ge=0.0, lt=1.0)
     batch_size: int = Field(128, ge=1)

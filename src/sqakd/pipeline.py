@@ -79,12 +79,24 @@ def load_data(config: DataConfig, seed: int = 0, need_train: bool = True) -> Dat
         raise ValueError(
             "data.root is not set; point it at your image folder (e.g. data.root=/path/to/cifar10)"
         )
-    read = lambda split: datasets.load_images(  # noqa: E731
-        config.format, config.root, split=split, resize=config.resize, cache_dir=config.cache_dir
+
+    def read(
+        split: str, format: str | None = None, root: Path | None = None
+    ) -> datasets.ImageArray:
+        return datasets.load_images(
+            format or config.format,
+            root or config.root,
+            split=split,
+            resize=config.resize,
+            cache_dir=config.cache_dir,
+        )
+
+    # the test split may come from elsewhere (e.g. unlabeled training images, a labeled test set)
+    test = (
+        read(config.test_split, config.test_format, config.test_root) if config.test_split else None
     )
-    test = read(config.test_split) if config.test_split else None
     if test is not None and config.limit_test:
-        test = test.subset(range(min(config.limit_test, len(test))))
+        test = _random_subset(test, config.limit_test, seed)
     train = read(config.train_split) if need_train else test
     if train is None:
         raise ValueError(
@@ -95,9 +107,7 @@ def load_data(config: DataConfig, seed: int = 0, need_train: bool = True) -> Dat
     else:
         mean, std = datasets.channel_stats(train)  # from the full training split, before any limit
     if config.limit_train and need_train:
-        generator = torch.Generator().manual_seed(seed)
-        order = torch.randperm(len(train), generator=generator)[: config.limit_train].sort().values
-        train = train.subset(order.tolist())
+        train = _random_subset(train, config.limit_train, seed)
     val = None
     if config.val_fraction > 0 and need_train:
         train, val = train.split(config.val_fraction, seed)
@@ -106,6 +116,14 @@ def load_data(config: DataConfig, seed: int = 0, need_train: bool = True) -> Dat
     return DataBundle(
         train, val, test, tuple(mean), tuple(std), num_classes, channels, (height, width)
     )
+
+
+def _random_subset(images: datasets.ImageArray, count: int, seed: int) -> datasets.ImageArray:
+    """``count`` images drawn without replacement (class folders are sorted: never take the head)."""
+    if count >= len(images):
+        return images
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:count]
+    return images.subset(order.sort().values.tolist())
 
 
 def make_loaders(
@@ -125,8 +143,6 @@ def make_loaders(
         data.batch_size,
         shuffle=True,
         augment=augment,
-        mean=bundle.mean,
-        std=bundle.std,
         drop_last=True,
         seed=config.run.seed,
         device=device,

@@ -45,6 +45,8 @@ class QuantPolicy(BaseModel):
             papers' convention); ``"8bit"`` quantizes them at W8A8; ``"same"`` treats them like
             every other layer.
         method_options: keyword options given to every quantizer (e.g. ``{"delta": 0.001}``).
+        weight_options / act_options: options for the weight or activation quantizers only
+            (e.g. ``act_options: {init_alpha: 8}`` for PACT activations with LSQ weights).
         overrides: ``{pattern: LayerOverride}``, applied in order; later patterns win.
     """
 
@@ -58,6 +60,8 @@ class QuantPolicy(BaseModel):
     per_channel_weights: bool = False
     first_last: Literal["float", "8bit", "same"] = "float"
     method_options: dict[str, Any] = {}
+    weight_options: dict[str, Any] = {}
+    act_options: dict[str, Any] = {}
     overrides: dict[str, LayerOverride] = {}
 
     _bits = field_validator("weight_bits", "act_bits")(_check_policy_bits)

@@ -180,7 +180,9 @@ def _make(method: str | None, bits: int, role: str, policy: QuantPolicy) -> Quan
     if method is None or bits == FLOAT_BITS:
         return None
     per_channel = policy.per_channel_weights and role == "weight"
-    return build_quantizer(method, bits, role, per_channel=per_channel, **policy.method_options)
+    role_options = policy.weight_options if role == "weight" else policy.act_options
+    options = {**policy.method_options, **role_options}
+    return build_quantizer(method, bits, role, per_channel=per_channel, **options)
 
 
 def _replace(model: nn.Module, name: str, layer: nn.Module) -> None:
