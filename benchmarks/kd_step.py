@@ -1,23 +1,42 @@
-"""Images/s of an SQAKD W4A4 training step (teacher forward without autograd + quantized student
+"""Time of an SQAKD W4A4 training step (teacher forward without autograd + quantized student
 forward/backward + two Adam optimizers) against a plain float training step, for ResNet-20 on
-CIFAR-sized inputs. Run: python benchmarks/kd_step.py [--batch-sizes 128 256]"""
+CIFAR-sized inputs, plus the parts: the teacher's forward alone and the SQAKD step with
+quantization switched off (float student + teacher), so the quantizers' own cost is visible.
+
+The variants are timed in interleaved rounds (each round times every variant) and each number is
+the median over rounds, so that a machine shared with other jobs disturbs all of them alike.
+
+Run: python benchmarks/kd_step.py [--batch-sizes 128 256] [--threads 2] [--rounds 5] [--compile]
+[--channels-last]
+"""
 
 from __future__ import annotations
 
 import argparse
 import copy
+import statistics
+import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from _timing import images_per_second, machine
+from _timing import machine
 
 from sqakd.config import MethodConfig
 from sqakd.methods import build_method
 from sqakd.models import build_model
-from sqakd.quant import QuantPolicy, calibrate, model_parameters, prepare, quantizer_parameters
+from sqakd.quant import (
+    QuantPolicy,
+    calibrate,
+    model_parameters,
+    prepare,
+    quantizer_parameters,
+    set_quantization,
+)
+from sqakd.quant.kernels import use_compiled_kernels
 
 
-def float_step(model, images, labels):
+def float_step(model, images, labels) -> Callable[[], None]:
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
 
     def step() -> None:
@@ -28,7 +47,7 @@ def float_step(model, images, labels):
     return step
 
 
-def sqakd_step(teacher, student, images):
+def sqakd_step(teacher, student, images, quantized: bool = True) -> Callable[[], None]:
     method = build_method(MethodConfig(name="sqakd"))
     optimizers = [
         torch.optim.Adam(model_parameters(student), lr=1e-3),
@@ -36,44 +55,110 @@ def sqakd_step(teacher, student, images):
     ]
 
     def step() -> None:
+        set_quantization(student, quantized)
         output = method.training_step(student, teacher, images, None)
         for optimizer in optimizers:
             optimizer.zero_grad(set_to_none=True)
         output.total.backward()
         for optimizer in optimizers:
             optimizer.step()
+        set_quantization(student, True)
 
     return step
+
+
+def teacher_forward(teacher, images) -> Callable[[], None]:
+    def step() -> None:
+        with torch.no_grad():
+            teacher(images)
+
+    return step
+
+
+def interleaved_medians(
+    steps: dict[str, Callable[[], None]],
+    rounds: int,
+    per_round: int = 3,
+    clock: Callable[[], float] = time.perf_counter,
+) -> dict[str, float]:
+    """Seconds per call of each step: median over ``rounds`` of the median of ``per_round``."""
+    for step in steps.values():  # warm-up
+        step(), step()
+    samples: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            times = []
+            for _ in range(per_round):
+                start = clock()
+                step()
+                times.append(clock() - start)
+            samples[name].append(statistics.median(times))
+    return {name: statistics.median(values) for name, values in samples.items()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--batch-sizes", type=int, nargs="*", default=[128, 256])
     parser.add_argument("--method", default="ewgs")
-    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument(
+        "--channels-last", action="store_true", help="models and input in channels-last layout"
+    )
+    parser.add_argument(
+        "--compile", action="store_true", help="quantizer kernels through torch.compile"
+    )
+    parser.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="wall time, or this process's CPU time (steadier on a shared machine; with "
+        "--threads 1 it is the step's own work)",
+    )
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    use_compiled_kernels(args.compile)
     torch.manual_seed(0)
-    print(f"ResNet-20, SQAKD W4A4 ({args.method}) vs float training step; machine: {machine()}\n")
-    print("| batch | float images/s | SQAKD images/s | SQAKD time vs float |")
-    print("|---|---|---|---|")
+    layout = torch.channels_last if args.channels_last else torch.contiguous_format
+    print(
+        f"ResNet-20, SQAKD W4A4 ({args.method}) vs float training step"
+        f"{', channels-last' if args.channels_last else ''}"
+        f"{', compiled quantizer kernels' if args.compile else ''}; machine: {machine()}; "
+        f"{args.clock} time, median of {args.rounds} interleaved rounds\n"
+    )
+    print(
+        "| batch | float step ms | teacher fwd | SQAKD, quantizers off | SQAKD step ms | "
+        "SQAKD vs float | SQAKD images/s |"
+    )
+    print("|---|---|---|---|---|---|---|")
     for batch_size in args.batch_sizes:
-        images = torch.randn(batch_size, 3, 32, 32)
+        images = torch.randn(batch_size, 3, 32, 32).contiguous(memory_format=layout)
         labels = torch.randint(0, 10, (batch_size,))
-        teacher = build_model("resnet20", num_classes=10).eval()
+        teacher = build_model("resnet20", num_classes=10).eval().to(memory_format=layout)
         plain = copy.deepcopy(teacher).train()
-        float_rate = images_per_second(
-            float_step(plain, images, labels), batch_size, repeats=args.repeats
-        )
         student = prepare(
-            teacher, QuantPolicy(method=args.method, weight_bits=4, act_bits=4)
+            copy.deepcopy(teacher), QuantPolicy(method=args.method, weight_bits=4, act_bits=4)
         ).train()
         calibrate(student, [images])
         for parameter in teacher.parameters():
             parameter.requires_grad_(False)
-        kd_rate = images_per_second(
-            sqakd_step(teacher, student, images), batch_size, repeats=args.repeats
+        seconds = interleaved_medians(
+            {
+                "float": float_step(plain, images, labels),
+                "teacher": teacher_forward(teacher, images),
+                "off": sqakd_step(teacher, student, images, quantized=False),
+                "sqakd": sqakd_step(teacher, student, images),
+            },
+            args.rounds,
+            clock=time.process_time if args.clock == "cpu" else time.perf_counter,
         )
-        print(f"| {batch_size} | {float_rate:.0f} | {kd_rate:.0f} | {float_rate / kd_rate:.2f}x |")
+        base = seconds["float"]
+        print(
+            f"| {batch_size} | {base * 1e3:.0f} | {seconds['teacher'] / base:.2f}x "
+            f"| {seconds['off'] / base:.2f}x | {seconds['sqakd'] * 1e3:.0f} "
+            f"| {seconds['sqakd'] / base:.2f}x | {batch_size / seconds['sqakd']:.0f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -77,8 +77,11 @@ def _config(
 
 
 def _print_result(result: Any) -> None:
+    import os
     from dataclasses import asdict
 
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks for the run
+        return
     summary = asdict(result)
     typer.echo(
         json.dumps(
@@ -160,6 +163,63 @@ def demo(
     from .demo import run_demo
 
     run_demo(output, data, teacher_epochs, epochs, limit, overwrite, device)
+
+
+@app.command()
+@one_line_errors
+def bench(
+    family: Annotated[
+        Path, typer.Option(help="a recipe family, e.g. configs/cifar10_resnet20.yaml")
+    ],
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="results folder")] = None,
+    epochs: Annotated[
+        int | None, typer.Option(help="QAT epochs per cell (default: the recipe's)")
+    ] = None,
+    teacher_epochs: Annotated[
+        int | None, typer.Option(help="teacher epochs (default: the recipe's)")
+    ] = None,
+    teacher: Annotated[
+        Path | None, typer.Option(help="a trained teacher's model.safetensors")
+    ] = None,
+    cells: Annotated[
+        list[str] | None, typer.Option(help="cell names or patterns, e.g. '*_w4a4_*' (repeatable)")
+    ] = None,
+    limit_train: Annotated[
+        int | None, typer.Option(help="train each cell on this many random images")
+    ] = None,
+    teacher_limit_train: Annotated[
+        int | None, typer.Option(help="train the teacher on this many images")
+    ] = None,
+    data: Annotated[
+        Path | None, typer.Option(help="the data folder (default: the recipe's data.root)")
+    ] = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N, mps or auto")] = None,
+    set: SetOption = None,
+    teacher_set: Annotated[
+        list[str] | None, typer.Option(help="override for the teacher only (repeatable)")
+    ] = None,
+    overwrite: Annotated[
+        bool, typer.Option(help="run every selected cell again, even if done")
+    ] = False,
+    list_cells: Annotated[
+        bool, typer.Option("--list", help="print the family's cells and exit")
+    ] = False,
+) -> None:
+    """Run a recipe family: teacher, every cell (skipping finished ones), results.md/.csv/.png."""
+    from .bench import family_overview, load_family, results_markdown, run_bench
+
+    recipe = load_family(family)
+    if list_cells:
+        typer.echo(family_overview(recipe))
+        return
+    result = run_bench(
+        recipe, output or Path("runs/bench") / recipe.name, epochs=epochs,
+        teacher_epochs=teacher_epochs, teacher=teacher, cells=cells, limit_train=limit_train,
+        teacher_limit_train=teacher_limit_train, data=data, device=device, overrides=set,
+        teacher_overrides=teacher_set, overwrite=overwrite,
+    )  # fmt: skip
+    typer.echo("\n" + results_markdown(result.family, result.teacher, result.rows))
+    typer.echo(f"wrote {', '.join(str(path) for path in result.files.values())}")
 
 
 @app.command("methods")

@@ -31,6 +31,8 @@ class RunConfig(Section):
     tensorboard: bool = False
     progress: bool = True
     threads: int | None = None
+    sync_batchnorm: bool = False
+    compile: bool = False
 
     @field_validator("device")
     @classmethod
@@ -104,6 +106,7 @@ class TrainConfig(Section):
     calibration_batches: int = Field(1, ge=1)
     max_steps_per_epoch: int | None = Field(None, ge=1)
     checkpoint_every: int = Field(1, ge=1)
+    checkpoint_every_steps: int | None = Field(None, ge=1)
 
 
 class MethodConfig(Section):

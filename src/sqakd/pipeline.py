@@ -28,8 +28,19 @@ from .engine import (
     save_weights,
     seed_everything,
 )
+from .engine.distributed import (
+    SINGLE_PROCESS,
+    DistributedContext,
+    evaluate_sharded,
+    init_distributed,
+    main_process_first,
+    per_rank_batch_size,
+    run_on_main,
+    shutdown_distributed,
+)
 from .methods import Method, build_method
 from .quant import calibrate, describe, prepare, quantized_layers, quantizer_parameters
+from .quant.kernels import use_compiled_kernels
 
 RUN_MARKERS = ("config.yaml", "metrics.csv", "checkpoints", "summary.json")
 
@@ -133,14 +144,22 @@ def make_loaders(
     with_labels: bool,
     shard: tuple[int, int] | None = None,
 ) -> tuple[Any, Any, Any]:
-    """Training loader (augmented, labels only if the method reads them) and evaluation loaders."""
+    """Training loader (augmented, labels only if the method reads them) and evaluation loaders.
+
+    With ``shard=(rank, world_size)`` (multi-process runs) the training loader gives this rank
+    ``data.batch_size / world_size`` images of every global batch, and the evaluation loaders a
+    disjoint part (every world_size-th image) of their split."""
     data = config.data
+    rank, world_size = shard or (0, 1)
+    batch_size = per_rank_batch_size(
+        data.batch_size, DistributedContext(rank=rank, world_size=world_size)
+    )
     augment = datasets.BatchAugment(
         pad=data.augment.crop_padding, flip=data.augment.flip, mean=bundle.mean, std=bundle.std
     )
     train = datasets.BatchLoader(
         bundle.train,
-        data.batch_size,
+        batch_size,
         shuffle=True,
         augment=augment,
         drop_last=True,
@@ -158,6 +177,8 @@ def make_loaders(
     def evaluation(part: datasets.ImageArray | None) -> Any:
         if part is None:
             return None
+        if world_size > 1:
+            part = part.subset(list(range(rank, len(part), world_size)))
         return datasets.BatchLoader(
             part,
             data.eval_batch_size,
@@ -224,11 +245,12 @@ def prepare_run_folder(config: Config, resume: bool = False) -> Path:
     return folder
 
 
-def _setup(config: Config) -> torch.device:
+def _setup(config: Config, device: str | None = None) -> torch.device:
     seed_everything(config.run.seed, config.run.deterministic)
+    use_compiled_kernels(config.run.compile)
     if config.run.threads:
         torch.set_num_threads(config.run.threads)
-    return resolve_device(config.run.device)
+    return resolve_device(device or config.run.device)
 
 
 # ------------------------------------------------------------------------------------- the jobs
@@ -246,20 +268,31 @@ def quantize(config: Config, resume: bool = False) -> RunResult:
 
 
 def run(config: Config, resume: bool = False) -> RunResult:
-    """Build everything the config names, train, evaluate, and write the run folder."""
-    device = _setup(config)
-    method = build_method(config.method)
-    bundle = load_data(config.data, config.run.seed)
-    # record the normalisation in the run's config.yaml so that eval and export reuse it exactly
-    config = config.model_copy(
-        update={"data": config.data.model_copy(update={"mean": bundle.mean, "std": bundle.std})}
-    )
-    folder = prepare_run_folder(config, resume)
-    log = RunLog(folder, tensorboard=config.run.tensorboard)
+    """Build everything the config names, train, evaluate, and write the run folder.
+
+    Under ``torchrun`` every process runs this with its rank (see ``sqakd.engine.distributed``):
+    rank 0 decodes the data first (filling the cache) and alone writes the run folder."""
+    context, device_name = init_distributed(config.run.device)
     try:
-        return _run(config, method, bundle, folder, log, device, resume)
+        device = _setup(config, device_name)
+        method = build_method(config.method)
+        with main_process_first(context):
+            bundle = load_data(config.data, config.run.seed)
+        # record the normalisation in the run's config.yaml so that eval and export reuse it exactly
+        config = config.model_copy(
+            update={"data": config.data.model_copy(update={"mean": bundle.mean, "std": bundle.std})}
+        )
+        folder = run_on_main(lambda: prepare_run_folder(config, resume), context)
+        log = RunLog(folder, tensorboard=config.run.tensorboard, enabled=context.is_main)
+        if not context.is_main:
+            log.logger.setLevel("WARNING")
+        try:
+            return _run(config, method, bundle, folder, log, device, resume, context)
+        finally:
+            log.close()
     finally:
-        log.close()
+        if context.enabled:
+            shutdown_distributed()
 
 
 def _run(
@@ -270,9 +303,15 @@ def _run(
     log: RunLog,
     device: torch.device,
     resume: bool,
+    context: DistributedContext = SINGLE_PROCESS,
 ) -> RunResult:
+    shard = (context.rank, context.world_size) if context.enabled else None
     train_loader, val_loader, test_loader = make_loaders(
-        bundle, config, device, with_labels=method.needs_labels
+        bundle, config, device, with_labels=method.needs_labels, shard=shard
+    )
+    # every rank calibrates on the same global first batch (then rank 0's state is broadcast)
+    calibration_loader = (
+        make_loaders(bundle, config, device, with_labels=False)[0] if shard else train_loader
     )
     teacher = (
         load_teacher(config, bundle, device)
@@ -280,7 +319,9 @@ def _run(
         else None
     )
     teacher_metrics = (
-        evaluate(teacher, test_loader, device) if teacher is not None and test_loader else {}
+        evaluate_sharded(teacher, test_loader, device, context)
+        if teacher is not None and test_loader
+        else {}
     )
     if teacher_metrics:
         log.info(
@@ -291,7 +332,11 @@ def _run(
     student = build_student(config, method, bundle, teacher, device)
     if method.quantizes_student:
         log.info("quantization plan:\n%s", describe(student))
-        calibrate(student, (images for images, _ in train_loader), config.train.calibration_batches)
+        calibrate(
+            student,
+            (images for images, _ in calibration_loader),
+            config.train.calibration_batches,
+        )
     log.info(
         "method %s, %d training images (%s), %d epochs, %d steps per epoch, device %s",
         config.method.name,
@@ -313,17 +358,20 @@ def _run(
         val_loader=val_loader,
         checkpoint_dir=folder / "checkpoints",
         progress=config.run.progress,
+        distributed=context,
+        sync_batchnorm=config.run.sync_batchnorm,
     )
     last_checkpoint = folder / "checkpoints" / "last.pt"
     if resume and (last_checkpoint.exists() or last_checkpoint.with_name("last.pt.prev").exists()):
         trainer.resume(last_checkpoint)
     fit = trainer.fit()
-    save_weights(student, folder / "model.safetensors")
     result = _result(config, method, fit, teacher_metrics, student, folder)
-    (folder / "summary.json").write_text(json.dumps(asdict(result), indent=2))
-    plot_history(
-        fit.history, folder / "curves.png", title=f"{config.method.name} {_bits_label(result)}"
-    )
+    if context.is_main:  # one writer for the run folder
+        save_weights(student, folder / "model.safetensors")
+        (folder / "summary.json").write_text(json.dumps(asdict(result), indent=2))
+        plot_history(
+            fit.history, folder / "curves.png", title=f"{config.method.name} {_bits_label(result)}"
+        )
     log.info(
         "done: last top-1 %.2f %%, best top-1 %.2f %% (epoch %d); files in %s",
         fit.last.get("top1", float("nan")),

@@ -12,7 +12,9 @@ from PIL import Image
 WriteImage = Callable[..., Path]
 
 
-def _write_image(path: Path, value: int | tuple[int, int, int], size=(4, 5), mode: str = "RGB") -> Path:
+def _write_image(
+    path: Path, value: int | tuple[int, int, int], size=(4, 5), mode: str = "RGB"
+) -> Path:
     """A constant-colour image of ``size`` = (height, width); PNG/BMP/WEBP keep pixels exactly."""
     path.parent.mkdir(parents=True, exist_ok=True)
     height, width = size

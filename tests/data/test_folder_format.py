@@ -108,6 +108,7 @@ def test_errors_are_one_line(tmp_path, write_image):
         assert "\n" not in str(error.value)
 
 
+@pytest.mark.slow  # extracting 60,000 files can take a while on a busy disk
 def test_real_cifar10_test_split(cifar10_root):
     data = load(cifar10_root, "test")
     assert data.images.shape == (10_000, 32, 32, 3)

@@ -3,8 +3,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sqakd.data import ImageArray, available_formats, default_cache_dir, load_images, register_format
-from sqakd.data import formats
+from sqakd.data import (
+    ImageArray,
+    available_formats,
+    default_cache_dir,
+    formats,
+    load_images,
+    register_format,
+)
 
 
 def test_every_reader_is_registered():

@@ -58,3 +58,28 @@ def test_code_executing_pickle_is_refused(tmp_path):
     with pytest.raises(ValueError, match="cannot be read safely"):
         safe_torch_load(path)
     assert not marker.exists()
+
+
+def test_a_write_that_dies_midway_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    atomic_torch_save({"epoch": 1}, path)
+
+    def dies_midway(state, stream):
+        stream.write(b"PK\x03\x04 half a zip file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", dies_midway)
+    with pytest.raises(OSError, match="disk full"):
+        atomic_torch_save({"epoch": 2}, path)
+    monkeypatch.undo()
+    assert safe_torch_load(path)["epoch"] == 1
+    assert not path.with_name("last.pt.prev").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+def test_temporary_files_left_by_a_killed_writer_are_removed(tmp_path):
+    path = tmp_path / "last.pt"
+    stale = tmp_path / ".last.pt.abc123.tmp"  # what SIGKILL during torch.save leaves
+    stale.write_bytes(b"partial")
+    atomic_torch_save({"epoch": 1}, path)
+    assert not stale.exists() and safe_torch_load(path)["epoch"] == 1

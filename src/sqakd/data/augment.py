@@ -47,7 +47,9 @@ def normalize(
     if mean is None:
         return x
     channels = x.shape[1]
-    return (x - _channel_vector(mean, channels, "mean", x)) / _channel_vector(std, channels, "std", x)
+    return (x - _channel_vector(mean, channels, "mean", x)) / _channel_vector(
+        std, channels, "std", x
+    )
 
 
 def _check_mean_std(mean: Sequence[float] | None, std: Sequence[float] | None) -> None:
@@ -97,7 +99,9 @@ class BatchAugment:
 
     def __call__(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
         if images.dim() != 4:
-            raise ValueError(f"augmentation expects a batch (N, C, H, W), got shape {tuple(images.shape)}")
+            raise ValueError(
+                f"augmentation expects a batch (N, C, H, W), got shape {tuple(images.shape)}"
+            )
         cropped = self.crop_and_flip(images, generator)
         return normalize(cropped, self.mean, self.std)
 
@@ -108,7 +112,7 @@ class BatchAugment:
         that fits, and output pixel ``(i, j)`` is ``padded[n, :, dy + i, dx + j]`` (with
         ``j -> crop_w - 1 - j`` when flipped).
         """
-        n, _, height, width = images.shape
+        n, channels, height, width = images.shape
         crop_h, crop_w = self.crop or (height, width)
         room_h, room_w = height + 2 * self.pad - crop_h, width + 2 * self.pad - crop_w
         if room_h < 0 or room_w < 0:
@@ -122,33 +126,39 @@ class BatchAugment:
         flips = torch.rand(n, generator=generator, device=device) < 0.5
         if not self.flip:
             flips.zero_()
-        rows = (dy[:, None] + torch.arange(crop_h, device=device)).to(images.device)
+        rows = dy[:, None] + torch.arange(crop_h, device=device)
         steps = torch.arange(crop_w, device=device)
         steps = torch.where(flips[:, None], crop_w - 1 - steps, steps)
-        cols = (dx[:, None] + steps).to(images.device)
+        cols = dx[:, None] + steps
         padded = F.pad(images, (self.pad,) * 4) if self.pad else images
-        batch = torch.arange(n, device=images.device)[:, None, None]
-        # Advanced indices around the channel slice put (N, crop_h, crop_w) first, C last.
-        return padded[batch, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2).contiguous()
+        padded_w = width + 2 * self.pad
+        # One gather over each padded image flattened to H*W: source = row * padded_w + col.
+        source = (rows[:, :, None] * padded_w + cols[:, None, :]).reshape(n, 1, crop_h * crop_w)
+        source = source.to(images.device).expand(n, channels, -1)
+        flat = padded.reshape(n, channels, -1).gather(2, source)
+        return flat.reshape(n, channels, crop_h, crop_w)
 
 
-def channel_stats(data: ImageArray, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def channel_stats(
+    data: ImageArray, chunk: int = 4096
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and (population) standard deviation of the pixels on the [0, 1] scale.
 
     ``mean[c] = sum(x) / M`` and ``std[c] = sqrt(sum(x**2) / M - mean[c]**2)`` over all
-    M = N * H * W pixels of channel c, accumulated in float64 chunk by chunk.
+    M = N * H * W pixels of channel c, computed exactly from each channel's histogram of the 256
+    pixel values (counted chunk by chunk).
     """
     images = data.images
     channels = images.shape[3]
-    total = np.zeros(channels)
-    squares = np.zeros(channels)
-    for start in range(0, len(images), chunk):
-        block = images[start : start + chunk].reshape(-1, channels).astype(np.float64) / 255.0
-        total += block.sum(axis=0)
-        squares += np.square(block).sum(axis=0)
-    count = len(images) * images.shape[1] * images.shape[2]
-    if count == 0:
+    if images.size == 0:
         raise ValueError("cannot compute channel statistics of an empty data set")
-    mean = total / count
-    std = np.sqrt(np.maximum(squares / count - mean**2, 0.0))
+    counts = np.zeros((channels, 256), dtype=np.int64)
+    for start in range(0, len(images), chunk):
+        pixels = images[start : start + chunk].reshape(-1, channels)
+        for channel in range(channels):
+            counts[channel] += np.bincount(pixels[:, channel], minlength=256)
+    values = np.arange(256) / 255.0
+    total = counts.sum(axis=1)
+    mean = (counts * values).sum(axis=1) / total
+    std = np.sqrt(np.maximum((counts * values**2).sum(axis=1) / total - mean**2, 0.0))
     return tuple(float(v) for v in mean), tuple(float(v) for v in std)

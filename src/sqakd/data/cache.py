@@ -90,11 +90,14 @@ def _write(path: Path, images: np.ndarray) -> None:
             dir=path.parent, prefix=path.stem + ".", suffix=".tmp", delete=False
         )
     except OSError as error:
-        log.warning("cannot write the image cache in %s (%s); continuing without it", path.parent, error)
+        log.warning(
+            "cannot write the image cache in %s (%s); continuing without it", path.parent, error
+        )
         return
     try:
         with handle:
             np.savez(handle, images=images)
+        os.chmod(handle.name, 0o644)  # temporary files start private; a cache is readable
         os.replace(handle.name, path)
         log.info("cached %d decoded images at %s", len(images), path)
     except OSError as error:

@@ -11,7 +11,6 @@ array and refuses every other global with a ``ValueError``.
 
 from __future__ import annotations
 
-import codecs
 import io
 import pickle
 from pathlib import Path
@@ -31,7 +30,7 @@ except ImportError:  # pragma: no cover - numpy 1.x
 
 def _latin1_encode(text: str, encoding: str = "utf-8") -> bytes:
     """``_codecs.encode`` as Python 3 protocol-2 pickles use it for bytes, limited to latin-1."""
-    if codecs.lookup(encoding).name != "iso8859-1":
+    if encoding.lower().replace("-", "").replace("_", "") not in ("latin1", "iso88591", "l1"):
         raise ValueError(f"refusing _codecs.encode with encoding {encoding!r} in a data pickle")
     return text.encode("latin1")
 
@@ -78,13 +77,20 @@ def load_pickle(path: Path) -> Any:
 def _batch(path: Path) -> dict[str, Any]:
     data = load_pickle(path)
     if not isinstance(data, dict):
-        raise ValueError(f"{path} is not a CIFAR batch (expected a dict, got {type(data).__name__})")
-    return {key.decode("latin1") if isinstance(key, bytes) else key: value for key, value in data.items()}
+        raise ValueError(
+            f"{path} is not a CIFAR batch (expected a dict, got {type(data).__name__})"
+        )
+    return {
+        key.decode("latin1") if isinstance(key, bytes) else key: value
+        for key, value in data.items()
+    }
 
 
 def _field(batch: dict[str, Any], key: str, path: Path) -> Any:
     if key not in batch:
-        raise ValueError(f"{path} is not a CIFAR batch: it has no {key!r} entry (has {sorted(batch)})")
+        raise ValueError(
+            f"{path} is not a CIFAR batch: it has no {key!r} entry (has {sorted(batch)})"
+        )
     return batch[key]
 
 
@@ -93,7 +99,12 @@ def _names(values: list[Any]) -> list[str]:
 
 
 def _read_cifar(
-    folder: Path, files: list[str], label_key: str, meta_file: str, names_key: str, resize: Size | None
+    folder: Path,
+    files: list[str],
+    label_key: str,
+    meta_file: str,
+    names_key: str,
+    resize: Size | None,
 ) -> ImageArray:
     images, labels = [], []
     for name in files:
@@ -106,14 +117,18 @@ def _read_cifar(
         batch = _batch(path)
         data = np.asarray(_field(batch, "data", path))
         if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
-            raise ValueError(f"{path}: 'data' must be uint8 of shape (N, 3072), got {data.dtype} {data.shape}")
+            raise ValueError(
+                f"{path}: 'data' must be uint8 of shape (N, 3072), got {data.dtype} {data.shape}"
+            )
         batch_labels = np.asarray(_field(batch, label_key, path), dtype=np.int64)
         if batch_labels.shape != (len(data),):
             raise ValueError(f"{path}: {len(batch_labels)} labels for {len(data)} images")
         images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
         labels.append(batch_labels)
     meta_path = folder / meta_file
-    classes = _names(_field(_batch(meta_path), names_key, meta_path)) if meta_path.is_file() else None
+    classes = (
+        _names(_field(_batch(meta_path), names_key, meta_path)) if meta_path.is_file() else None
+    )
     array = np.ascontiguousarray(np.concatenate(images))
     if resize is not None:
         array = resize_images(array, resize)
@@ -126,7 +141,9 @@ def _folder(root: Path, name: str) -> Path:
         return root
     if (root / name).is_dir():
         return root / name
-    raise ValueError(f"no {name}/ folder at {root}; set data.root to the folder that contains {name}/")
+    raise ValueError(
+        f"no {name}/ folder at {root}; set data.root to the folder that contains {name}/"
+    )
 
 
 def _check_split(split: str) -> str:
@@ -138,13 +155,21 @@ def _check_split(split: str) -> str:
 @register_format("cifar10-pickle")
 def read_cifar10(root: Path, split: str, resize: Size | None, cache_dir: Path | None) -> ImageArray:
     """CIFAR-10: 50,000 train / 10,000 test images, 10 classes (names from ``batches.meta``)."""
-    files = [f"data_batch_{i}" for i in range(1, 6)] if _check_split(split) == "train" else ["test_batch"]
+    files = (
+        [f"data_batch_{i}" for i in range(1, 6)]
+        if _check_split(split) == "train"
+        else ["test_batch"]
+    )
     folder = _folder(root, "cifar-10-batches-py")
     return _read_cifar(folder, files, "labels", "batches.meta", "label_names", resize)
 
 
 @register_format("cifar100-pickle")
-def read_cifar100(root: Path, split: str, resize: Size | None, cache_dir: Path | None) -> ImageArray:
+def read_cifar100(
+    root: Path, split: str, resize: Size | None, cache_dir: Path | None
+) -> ImageArray:
     """CIFAR-100 with its 100 fine labels (names from ``meta``)."""
     folder = _folder(root, "cifar-100-python")
-    return _read_cifar(folder, [_check_split(split)], "fine_labels", "meta", "fine_label_names", resize)
+    return _read_cifar(
+        folder, [_check_split(split)], "fine_labels", "meta", "fine_label_names", resize
+    )

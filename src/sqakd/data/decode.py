@@ -7,14 +7,18 @@ Resizing, when asked for, is bilinear to ``(height, width)``.
 
 from __future__ import annotations
 
+import logging
 import math
 import multiprocessing
 import os
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
 from PIL import Image
+
+log = logging.getLogger(__name__)
 
 Size = tuple[int, int]
 GREY_MODES = frozenset({"1", "L", "LA"})
@@ -31,7 +35,9 @@ def decode_image(path: str, resize: Size | None = None) -> np.ndarray:
                 image = image.resize((resize[1], resize[0]), Image.Resampling.BILINEAR)
             array = np.asarray(image, dtype=np.uint8)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
-        raise ValueError(f"cannot decode image {path} ({error}); delete or replace the file") from None
+        raise ValueError(
+            f"cannot decode image {path} ({error}); delete or replace the file"
+        ) from None
     return array[:, :, None] if array.ndim == 2 else array
 
 
@@ -40,7 +46,12 @@ def _decode_chunk(paths: Sequence[str], resize: Size | None) -> list[np.ndarray]
 
 
 def default_workers() -> int:
-    """The CPU cores this process may use (at most 8)."""
+    """``$SQAKD_DECODE_WORKERS`` if set, else the CPU cores this process may use (at most 8)."""
+    given = os.environ.get("SQAKD_DECODE_WORKERS")
+    if given:
+        if not given.isdigit():
+            raise ValueError(f"SQAKD_DECODE_WORKERS must be a whole number, got {given!r}")
+        return max(1, int(given))
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return max(1, min(8, cores or 1))
 
@@ -61,12 +72,15 @@ def decode_images(
     chunk = math.ceil(len(paths) / (workers * 8))
     chunks = [paths[start : start + chunk] for start in range(0, len(paths), chunk)]
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method))
     try:
-        results = pool.map(_decode_chunk, chunks, [resize] * len(chunks))
-        return _assemble(paths, results)
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method))
+        try:
+            return _assemble(paths, pool.map(_decode_chunk, chunks, [resize] * len(chunks)))
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+    except (OSError, BrokenProcessPool) as error:  # no usable process pool: decode here instead
+        log.warning("parallel decoding failed (%s); decoding in this process", error)
+        return _assemble(paths, [_decode_chunk(paths, resize)])
 
 
 def _assemble(paths: Sequence[str], chunks) -> np.ndarray:
@@ -79,7 +93,9 @@ def _assemble(paths: Sequence[str], chunks) -> np.ndarray:
             if out is None:
                 out = np.empty((len(paths), image.shape[0], image.shape[1], 3), dtype=np.uint8)
             elif image.shape[:2] != out.shape[1:3]:
-                raise ValueError(_size_mismatch(paths[0], out.shape[1:3], paths[index], image.shape))
+                raise ValueError(
+                    _size_mismatch(paths[0], out.shape[1:3], paths[index], image.shape)
+                )
             out[index] = image  # a grey (H, W, 1) image broadcasts to R = G = B
             all_grey = all_grey and image.shape[2] == 1
             index += 1

@@ -63,7 +63,9 @@ def split_directory(root: Path, split: str) -> Path:
     if candidate.is_dir():
         return candidate
     splits = sorted(
-        entry.name for entry in os.scandir(root) if entry.is_dir() and entry.name.lower() in SPLIT_NAMES
+        entry.name
+        for entry in os.scandir(root)
+        if entry.is_dir() and entry.name.lower() in SPLIT_NAMES
     )
     if splits:
         raise ValueError(

@@ -47,8 +47,12 @@ def check_resize(resize: Sequence[int] | None) -> Size | None:
         return None
     if isinstance(resize, int | str) or len(resize) != 2:
         raise ValueError(f"resize must be (height, width), e.g. [32, 32]; got {resize!r}")
-    if not all(isinstance(size, int) and not isinstance(size, bool) and size > 0 for size in resize):
-        raise ValueError(f"resize must be two positive whole numbers (height, width); got {resize!r}")
+    if not all(
+        isinstance(size, int) and not isinstance(size, bool) and size > 0 for size in resize
+    ):
+        raise ValueError(
+            f"resize must be two positive whole numbers (height, width); got {resize!r}"
+        )
     return int(resize[0]), int(resize[1])
 
 
@@ -75,5 +79,7 @@ def load_images(
     if not isinstance(split, str) or not split:
         raise ValueError(f"split must be a folder or split name such as 'train', got {split!r}")
     size = check_resize(resize)
-    directory = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) if cache else None
+    directory = (
+        (Path(cache_dir) if cache_dir is not None else default_cache_dir()) if cache else None
+    )
     return reader(Path(root).expanduser().absolute(), split, size, directory)

@@ -60,7 +60,11 @@ def read_idx(path: str | Path, ndim: int | None = None) -> np.ndarray:
         raise ValueError(
             f"{path} is {len(content)} bytes but its header {shape} needs {expected}; the file is damaged"
         )
-    return np.frombuffer(content, dtype=dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
+    return (
+        np.frombuffer(content, dtype=dtype, offset=header)
+        .reshape(shape)
+        .astype(dtype.newbyteorder("="))
+    )
 
 
 def _find(root: Path, prefix: str, kind: str) -> Path | None:
@@ -93,7 +97,9 @@ def read_idx_pair(
     if images.ndim == 3:
         images = images[..., None]
     if images.ndim != 4 or images.shape[3] not in (1, 3) or images.dtype != np.uint8:
-        raise ValueError(f"{images_path} must hold uint8 images (N, H, W), got {images.dtype} {images.shape}")
+        raise ValueError(
+            f"{images_path} must hold uint8 images (N, H, W), got {images.dtype} {images.shape}"
+        )
     labels = None
     if labels_path is not None:
         labels = read_idx(labels_path, ndim=1).astype(np.int64)
@@ -105,7 +111,9 @@ def read_idx_pair(
 
 
 @register_format("idx")
-def read_idx_folder(root: Path, split: str, resize: Size | None, cache_dir: Path | None) -> ImageArray:
+def read_idx_folder(
+    root: Path, split: str, resize: Size | None, cache_dir: Path | None
+) -> ImageArray:
     """Any IDX folder with the standard names; without a labels file the data is unlabeled."""
     hint = f"put the standard files ({STANDARD_FILES}) there"
     images, labels = read_idx_pair(root, split, resize, need_labels=False, missing_hint=hint)
@@ -121,7 +129,9 @@ def read_mnist(root: Path, split: str, resize: Size | None, cache_dir: Path | No
 
 
 @register_format("fashion-mnist")
-def read_fashion_mnist(root: Path, split: str, resize: Size | None, cache_dir: Path | None) -> ImageArray:
+def read_fashion_mnist(
+    root: Path, split: str, resize: Size | None, cache_dir: Path | None
+) -> ImageArray:
     """Fashion-MNIST (10 clothing classes) from the four standard IDX files."""
     hint = (
         f"install them with `apt-get install dataset-fashion-mnist` (puts them in {FASHION_MNIST_ROOT}) "

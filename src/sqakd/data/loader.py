@@ -22,7 +22,9 @@ from .augment import BatchAugment, normalize
 
 def _seed(*parts: int) -> int:
     """A 63-bit seed mixing ``parts`` (no collisions like seed + epoch would give)."""
-    return int(np.random.SeedSequence([int(part) for part in parts]).generate_state(1, np.uint64)[0] >> 1)
+    return int(
+        np.random.SeedSequence([int(part) for part in parts]).generate_state(1, np.uint64)[0] >> 1
+    )
 
 
 class BatchLoader:
@@ -55,9 +57,13 @@ class BatchLoader:
             raise ValueError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
         rank, world_size = (0, 1) if shard is None else shard
         if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"shard must be (rank, world_size) with 0 <= rank < world_size, got {shard}")
+            raise ValueError(
+                f"shard must be (rank, world_size) with 0 <= rank < world_size, got {shard}"
+            )
         if augment is not None and augment.mean is not None and mean is not None:
-            raise ValueError("normalisation is set twice: give mean/std to BatchAugment or to the loader, not both")
+            raise ValueError(
+                "normalisation is set twice: give mean/std to BatchAugment or to the loader, not both"
+            )
         normalize(torch.zeros(1, data.images.shape[3], 1, 1), mean, std)  # validates mean/std early
         with warnings.catch_warnings():  # a read-only array (e.g. memory-mapped) is never written
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
@@ -66,7 +72,9 @@ class BatchLoader:
             if with_labels:
                 labels = data.labels
                 if labels is None:
-                    raise ValueError("the data set has no labels; pass with_labels=False to iterate without them")
+                    raise ValueError(
+                        "the data set has no labels; pass with_labels=False to iterate without them"
+                    )
                 self.labels = torch.from_numpy(np.asarray(labels, dtype=np.int64))
         self.batch_size = batch_size
         self.shuffle = shuffle

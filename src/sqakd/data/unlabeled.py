@@ -11,7 +11,9 @@ from .formats import Size, register_format
 
 
 @register_format("unlabeled")
-def read_unlabeled(root: Path, split: str, resize: Size | None, cache_dir: Path | None) -> ImageArray:
+def read_unlabeled(
+    root: Path, split: str, resize: Size | None, cache_dir: Path | None
+) -> ImageArray:
     """Images in sorted path order, with no labels or classes.
 
     Reads ``root/<split>`` when that folder exists, else the whole of ``root``.

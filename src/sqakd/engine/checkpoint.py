@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import random
 import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -16,10 +19,14 @@ def atomic_torch_save(state: dict[str, Any], path: str | Path) -> Path:
     """Write ``state`` to a temporary file in the same folder, fsync it, then rename over ``path``.
 
     The previous file at ``path`` is first kept as ``<name>.prev`` so that a crash between the
-    two renames still leaves one complete checkpoint.
+    two renames still leaves one complete checkpoint; the folder is fsynced after the renames.
+    A crash (even SIGKILL) while writing leaves only a ``.<name>.*.tmp`` file, which is never
+    read and is removed by the next save.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        stale.unlink(missing_ok=True)
     handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(handle, "wb") as stream:
@@ -32,7 +39,22 @@ def atomic_torch_save(state: dict[str, Any], path: str | Path) -> Path:
     except BaseException:
         Path(temp_name).unlink(missing_ok=True)
         raise
+    _fsync_folder(path.parent)
     return path
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make the renames durable (a no-op where folders cannot be opened, e.g. Windows)."""
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
 
 
 def safe_torch_load(path: str | Path) -> dict[str, Any]:
@@ -58,8 +80,6 @@ def load_training_checkpoint(path: str | Path) -> tuple[dict[str, Any], Path]:
         previous = path.with_name(path.name + ".prev")
         if not previous.is_file():
             raise
-        import logging
-
         logging.getLogger("sqakd").warning(
             "%s; using the previous checkpoint %s", first_error, previous
         )
@@ -79,3 +99,41 @@ def save_weights(model: nn.Module, path: str | Path) -> Path:
 
 def load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
+
+
+# ------------------------------------------------------------------------------ random states
+def capture_rng_state() -> dict[str, Any]:
+    """Python's, NumPy's, torch's (and CUDA's) global random states, as plain tensors and
+    numbers (so the checkpoint still loads with ``weights_only=True``)."""
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": {
+            "kind": str(kind),
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            "position": int(position),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Undo :func:`capture_rng_state`: the next random draw is the one that followed the capture."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    numpy_state = state["numpy"]
+    np.random.set_state(
+        (
+            numpy_state["kind"],
+            numpy_state["keys"].numpy().astype(np.uint32),
+            numpy_state["position"],
+            numpy_state["has_gauss"],
+            numpy_state["cached_gaussian"],
+        )
+    )
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -66,18 +66,30 @@ class RunLog:
         """Append one row to metrics.csv (header from the first row) and to TensorBoard."""
         if not self.enabled:
             return
+        self._append_csv(self.folder / "metrics.csv", row)
+        if self._writer is not None:
+            for key, value in row.items():
+                if isinstance(value, (int, float)) and key != "epoch":
+                    self._writer.add_scalar(key, value, step)
+            self._writer.flush()
+
+    def rewrite_metrics(self, rows: list[dict[str, Any]]) -> None:
+        """Replace metrics.csv by ``rows`` (on resume: the checkpoint's history, so that epochs
+        logged after the checkpoint but lost with the crash are not listed twice)."""
+        if not self.enabled:
+            return
         path = self.folder / "metrics.csv"
+        path.unlink(missing_ok=True)
+        for row in rows:
+            self._append_csv(path, row)
+
+    def _append_csv(self, path: Path, row: dict[str, Any]) -> None:
         new = not path.exists()
         with path.open("a", newline="") as stream:
             writer = csv.DictWriter(stream, fieldnames=list(row))
             if new:
                 writer.writeheader()
             writer.writerow(row)
-        if self._writer is not None:
-            for key, value in row.items():
-                if isinstance(value, (int, float)) and key != "epoch":
-                    self._writer.add_scalar(key, value, step)
-            self._writer.flush()
 
     def close(self) -> None:
         if self._file_handler is not None:

@@ -1,12 +1,14 @@
 """The training loop shared by every method: epochs, optimizers per parameter group, evaluation,
-checkpoints, logs and a progress bar. What a step computes belongs to the method."""
+checkpoints (also mid-epoch, for exact resume), logs and a progress bar, in one process or in
+several under torchrun. What a step computes belongs to the method."""
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +19,28 @@ from tqdm.auto import tqdm
 from ..config import TrainConfig
 from ..methods.base import Method
 from ..quant.layers import model_parameters, quantizer_parameters
-from .checkpoint import atomic_torch_save, load_training_checkpoint, save_weights
-from .evaluate import evaluate
+from .checkpoint import (
+    atomic_torch_save,
+    capture_rng_state,
+    load_training_checkpoint,
+    restore_rng_state,
+    save_weights,
+)
+from .distributed import (
+    SINGLE_PROCESS,
+    DistributedContext,
+    broadcast_module_state,
+    convert_sync_batchnorm,
+    evaluate_sharded,
+    gather_objects,
+    reduce_means,
+    reduce_sums,
+    wrap_for_training,
+)
 from .logs import RunLog
 from .optim import build_optimizer, build_scheduler
+
+CHECKPOINT_FORMAT = 2
 
 
 class TrainingDiverged(RuntimeError):
@@ -50,8 +70,16 @@ def parameter_groups(student: nn.Module, method: Method) -> dict[str, list[nn.Pa
 class Trainer:
     """Runs ``method`` on ``student`` for ``config.epochs`` epochs.
 
-    ``train_loader`` yields ``(images, labels or None)`` and has ``set_epoch`` and ``__len__``;
+    ``train_loader`` yields ``(images, labels or None)`` and has ``__len__``; ``set_epoch(e)``
+    and ``skip_batches(k)`` are used when present (a loader without ``skip_batches`` is
+    fast-forwarded by drawing and dropping k batches on a mid-epoch resume).
     ``eval_loader``/``val_loader`` yield labeled batches (either may be ``None``).
+
+    Multi-process (``distributed`` from :func:`~sqakd.engine.distributed.init_distributed`):
+    the loaders must already give this rank's shard; the student is wrapped in
+    ``DistributedDataParallel`` (with synchronised batch norm when ``sync_batchnorm``), metrics
+    are reduced over ranks, and only rank 0 writes checkpoints and logs. ``self.student`` is
+    always the plain model; ``self.model`` is what the method calls (the DDP wrapper, if any).
     """
 
     def __init__(
@@ -67,12 +95,17 @@ class Trainer:
         val_loader: Iterable | None = None,
         checkpoint_dir: Path | None = None,
         progress: bool = True,
+        distributed: DistributedContext | None = None,
+        sync_batchnorm: bool = False,
     ) -> None:
+        self.context = distributed or SINGLE_PROCESS
+        if sync_batchnorm and self.context.enabled:
+            student = convert_sync_batchnorm(student, torch.device(device))
         self.student, self.teacher, self.method = student, teacher, method
         self.train_loader, self.eval_loader, self.val_loader = train_loader, eval_loader, val_loader
         self.config, self.device, self.log = config, device, log
         self.checkpoint_dir = checkpoint_dir
-        self.progress = progress
+        self.progress = progress and self.context.is_main
         self.steps_per_epoch = len(train_loader)
         if config.max_steps_per_epoch:
             self.steps_per_epoch = min(self.steps_per_epoch, config.max_steps_per_epoch)
@@ -86,8 +119,19 @@ class Trainer:
             name: build_scheduler(opt, settings[name], total_steps, self.steps_per_epoch)
             for name, opt in self.optimizers.items()
         }
-        self.epoch = 0
-        self.step = 0
+        # identical quantizer ranges and weights on every rank before the first step
+        broadcast_module_state(student, self.context)
+        self.model = wrap_for_training(
+            student,
+            self.context,
+            torch.device(device),
+            find_unused_parameters=getattr(method, "find_unused_parameters", False),
+        )
+        self.epoch = 0  # completed epochs
+        self.step = 0  # completed optimizer steps over the whole run
+        self.batch_in_epoch = 0  # completed steps of the current epoch (mid-epoch resume)
+        self.epoch_sums: dict[str, float] = {}  # running loss sums of the current epoch
+        self.epoch_images = 0
         self.best_score = -math.inf
         self.result = FitResult()
         if teacher is not None:
@@ -97,10 +141,11 @@ class Trainer:
 
     # ------------------------------------------------------------------------------- one step
     def train_step(self, images: Tensor, labels: Tensor | None) -> dict[str, float]:
+        """One optimizer step on one batch; returns this rank's loss values."""
         images = images.to(self.device, non_blocking=True)
         if labels is not None:
             labels = labels.to(self.device, non_blocking=True)
-        output = self.method.training_step(self.student, self.teacher, images, labels)
+        output = self.method.training_step(self.model, self.teacher, images, labels)
         loss = output.total
         if not torch.isfinite(loss):
             raise TrainingDiverged(
@@ -121,40 +166,75 @@ class Trainer:
         values["loss"] = float(loss.detach())
         return values
 
+    def _batches(self) -> Iterator[tuple[Tensor, Tensor | None]]:
+        """This epoch's batches from ``batch_in_epoch`` on."""
+        loader, start = self.train_loader, self.batch_in_epoch
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(self.epoch)
+        if start and hasattr(loader, "skip_batches"):
+            loader.skip_batches(start)
+            return iter(loader)
+        return islice(iter(loader), start, None)
+
     def train_epoch(self) -> dict[str, float]:
-        self.student.train()
-        if hasattr(self.train_loader, "set_epoch"):
-            self.train_loader.set_epoch(self.epoch)
-        sums: dict[str, float] = {}
-        seen = 0
+        """Train the rest of the current epoch; return its mean losses (over ranks) and speed."""
+        self.model.train()
+        images_now = 0
         start = time.perf_counter()
         bar = tqdm(
             total=self.steps_per_epoch,
+            initial=self.batch_in_epoch,
             desc=f"epoch {self.epoch + 1}/{self.config.epochs}",
             unit="batch",
             disable=not self.progress,
             dynamic_ncols=True,
             leave=False,
         )
-        for index, (images, labels) in enumerate(self.train_loader):
-            if index >= self.steps_per_epoch:
+        batches = self._batches()
+        while self.batch_in_epoch < self.steps_per_epoch:
+            batch = next(batches, None)
+            if batch is None:
                 break
+            images, labels = batch
             values = self.train_step(images, labels)
             for name, value in values.items():
-                sums[name] = sums.get(name, 0.0) + value
-            seen += images.shape[0]
-            bar.update(1)
-            bar.set_postfix(
-                loss=f"{values['loss']:.4f}", img_s=f"{seen / (time.perf_counter() - start):.0f}"
-            )
+                self.epoch_sums[name] = self.epoch_sums.get(name, 0.0) + value
+            self.epoch_images += images.shape[0]
+            images_now += images.shape[0]
+            self.batch_in_epoch += 1
+            if self.progress:
+                bar.update(1)
+                rate = images_now * self.context.world_size / (time.perf_counter() - start)
+                bar.set_postfix(loss=f"{values['loss']:.4f}", img_s=f"{rate:.0f}")
+            if self._mid_epoch_checkpoint_due():
+                self.save_checkpoint()
         bar.close()
         seconds = time.perf_counter() - start
-        averages = {f"train_{k}": v / max(self.steps_per_epoch, 1) for k, v in sums.items()}
-        averages["images_per_s"] = seen / seconds if seconds > 0 else 0.0
+        steps = max(self.batch_in_epoch, 1)
+        averages = reduce_means(
+            {f"train_{k}": v / steps for k, v in self.epoch_sums.items()}, self.context
+        )
+        speed = reduce_sums({"images": float(images_now)}, self.context)["images"]
+        averages["images_per_s"] = speed / seconds if seconds > 0 else 0.0
         averages["epoch_seconds"] = seconds
         return averages
 
+    def _mid_epoch_checkpoint_due(self) -> bool:
+        every = getattr(self.config, "checkpoint_every_steps", None)
+        return bool(
+            every
+            and self.checkpoint_dir is not None
+            and self.step % every == 0
+            and self.batch_in_epoch < self.steps_per_epoch  # the epoch's end writes its own
+        )
+
     # ------------------------------------------------------------------------------- the run
+    def evaluate(self, loader: Iterable) -> dict[str, float]:
+        """Top-1/top-5/loss of the student on ``loader`` (every rank its shard, then reduced)."""
+        # every rank evaluates rank 0's model (batch-norm statistics are per rank otherwise)
+        broadcast_module_state(self.student, self.context)
+        return evaluate_sharded(self.student, loader, self.device, self.context)
+
     def fit(self) -> FitResult:
         start = time.perf_counter()
         rates = []
@@ -165,20 +245,11 @@ class Trainer:
             for name, optimizer in self.optimizers.items():
                 row[f"lr_{name}"] = optimizer.param_groups[0]["lr"]
             if self.val_loader is not None:
-                row.update(
-                    {
-                        f"val_{k}": v
-                        for k, v in evaluate(self.student, self.val_loader, self.device).items()
-                    }
-                )
+                row.update({f"val_{k}": v for k, v in self.evaluate(self.val_loader).items()})
             if self.eval_loader is not None:
-                row.update(
-                    {
-                        f"test_{k}": v
-                        for k, v in evaluate(self.student, self.eval_loader, self.device).items()
-                    }
-                )
+                row.update({f"test_{k}": v for k, v in self.evaluate(self.eval_loader).items()})
             self.epoch += 1
+            self.batch_in_epoch, self.epoch_sums, self.epoch_images = 0, {}, 0
             self._record(row)
         self.result.seconds = time.perf_counter() - start
         self.result.images_per_second = sum(rates) / len(rates) if rates else 0.0
@@ -196,37 +267,72 @@ class Trainer:
             self.result.best_epoch = self.epoch
             if validation:
                 self.result.validation = validation
-        self.log.metrics(row, self.step)
-        summary = ", ".join(
-            f"{k} {v:.4g}"
-            for k, v in row.items()
-            if k != "epoch" and isinstance(v, float) and not k.startswith("lr_")
-        )
-        self.log.info("epoch %d/%d: %s", self.epoch, self.config.epochs, summary)
+        if self.context.is_main:
+            self.log.metrics(row, self.step)
+            summary = ", ".join(
+                f"{k} {v:.4g}"
+                for k, v in row.items()
+                if k != "epoch" and isinstance(v, float) and not k.startswith("lr_")
+            )
+            self.log.info("epoch %d/%d: %s", self.epoch, self.config.epochs, summary)
         if self.checkpoint_dir is not None:
             if self.epoch % self.config.checkpoint_every == 0 or self.epoch == self.config.epochs:
-                atomic_torch_save(self.state_dict(), self.checkpoint_dir / "last.pt")
-            if improved:
+                self.save_checkpoint()
+            if improved and self.context.is_main:
                 save_weights(self.student, self.checkpoint_dir / "best.safetensors")
 
     # ------------------------------------------------------------------------------- resume
+    def save_checkpoint(self, path: Path | None = None) -> Path | None:
+        """Write :meth:`state_dict` atomically to ``checkpoints/last.pt`` (rank 0 writes; every
+        rank must call this, since the random-number states are gathered from all ranks)."""
+        state = self.state_dict()
+        if not self.context.is_main:
+            return None
+        if path is None:
+            if self.checkpoint_dir is None:
+                raise ValueError("this trainer has no checkpoint_dir; give a path to save to")
+            path = self.checkpoint_dir / "last.pt"
+        return atomic_torch_save(state, path)
+
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue exactly: weights, quantizers, optimizers, schedules,
-        RNG states, counters, and the method's own state."""
-        return {
+        """Everything needed to continue exactly, even from the middle of an epoch: weights,
+        quantizers, optimizers, schedules, the method's own state, counters (epoch, step, step
+        within the epoch), the epoch's running loss sums, the metric history, and the random
+        states of every rank (Python, NumPy, torch, CUDA). The loader's order and augmentation
+        are seeded by (seed, epoch, rank, batch), so the counters restore them; a loader with
+        its own ``state_dict`` is saved too."""
+        state = {
+            "format": CHECKPOINT_FORMAT,
             "student": self.student.state_dict(),
             "method": self.method.state_dict(),
             "optimizers": {k: v.state_dict() for k, v in self.optimizers.items()},
             "schedulers": {k: v.state_dict() for k, v in self.schedulers.items()},
             "epoch": self.epoch,
             "step": self.step,
+            "batch_in_epoch": self.batch_in_epoch,
+            "epoch_sums": dict(self.epoch_sums),
+            "epoch_images": self.epoch_images,
             "best_score": self.best_score,
             "best_epoch": self.result.best_epoch,
             "best": self.result.best,
-            "rng_torch": torch.get_rng_state(),
+            "validation": self.result.validation,
+            "history": list(self.result.history),
+            "world_size": self.context.world_size,
+            "rng": gather_objects(capture_rng_state(), self.context),
         }
+        if hasattr(self.train_loader, "state_dict"):
+            state["loader"] = self.train_loader.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        batch_in_epoch = int(state.get("batch_in_epoch", 0))
+        saved_world = int(state.get("world_size", 1))
+        if batch_in_epoch and saved_world != self.context.world_size:
+            raise ValueError(
+                f"the checkpoint was written mid-epoch by {saved_world} process(es) and this run has "
+                f"{self.context.world_size}; resume with --nproc_per_node={saved_world}, or from an "
+                "end-of-epoch checkpoint (train.checkpoint_every_steps unset)"
+            )
         self.student.load_state_dict(state["student"])
         self.method.load_state_dict(state["method"])
         for name, optimizer in self.optimizers.items():
@@ -234,13 +340,38 @@ class Trainer:
         for name, scheduler in self.schedulers.items():
             scheduler.load_state_dict(state["schedulers"][name])
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
+        self.batch_in_epoch = batch_in_epoch
+        self.epoch_sums = {k: float(v) for k, v in state.get("epoch_sums", {}).items()}
+        self.epoch_images = int(state.get("epoch_images", 0))
         self.best_score = float(state["best_score"])
         self.result.best_epoch = int(state["best_epoch"])
         self.result.best = dict(state["best"])
-        torch.set_rng_state(state["rng_torch"])
+        self.result.validation = dict(state.get("validation", {}))
+        self.result.history = [dict(row) for row in state.get("history", [])]
+        if self.result.history:
+            last_row = self.result.history[-1]
+            self.result.last = {k[5:]: v for k, v in last_row.items() if k.startswith("test_")}
+        if "loader" in state and hasattr(self.train_loader, "load_state_dict"):
+            self.train_loader.load_state_dict(state["loader"])
+        if "rng" in state:
+            states = state["rng"]
+            restore_rng_state(
+                states[self.context.rank] if len(states) > self.context.rank else states[0]
+            )
+        elif "rng_torch" in state:  # checkpoints written before format 2
+            torch.set_rng_state(state["rng_torch"])
 
     def resume(self, path: Path) -> Path:
+        """Continue from ``path`` (or its ``.prev`` when ``path`` is unreadable). The metrics
+        CSV is rewritten from the checkpoint's history, so epochs after it are not listed twice."""
         state, used = load_training_checkpoint(path)
         self.load_state_dict(state)
-        self.log.info("resumed from %s at epoch %d (step %d)", used, self.epoch, self.step)
+        if self.context.is_main:
+            self.log.rewrite_metrics(self.result.history)
+            where = (
+                f"epoch {self.epoch + 1}, batch {self.batch_in_epoch}"
+                if self.batch_in_epoch
+                else f"the end of epoch {self.epoch}"
+            )
+            self.log.info("resumed from %s at %s (step %d)", used, where, self.step)
         return used

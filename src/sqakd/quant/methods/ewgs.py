@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from ..base import QuantGrid, Quantizer, Role, broadcast_channels, per_channel_reduce
+from ..kernels import ewgs_fake_quantize
 from ..registry import register_quantizer
 
 
@@ -104,9 +105,12 @@ class EWGSQuantizer(Quantizer):
         return torch.clamp((x - lower) / (upper - lower), 0.0, 1.0)
 
     def quantize(self, x: Tensor) -> Tensor:
-        rounded = ewgs_round(self.normalise(x), self.num_steps, self.delta)
-        if self.keep_rounded and rounded.requires_grad:
-            self.last_rounded = rounded
+        if self.keep_rounded:  # the Hessian update needs the rounded tensor in the graph
+            rounded = ewgs_round(self.normalise(x), self.num_steps, self.delta)
+            if rounded.requires_grad:
+                self.last_rounded = rounded
+        else:
+            rounded = ewgs_fake_quantize(x, self.lower, self.upper, self.num_steps, self.delta)
         if self.role == "activation":
             return rounded
         return self.output_scale.abs() * (2.0 * rounded - 1.0)

@@ -41,9 +41,9 @@ from ..base import (
     Role,
     broadcast_channels,
     per_channel_reduce,
-    round_ste,
     scale_gradient,
 )
+from ..kernels import lsq_fake_quantize
 from ..registry import register_quantizer
 
 
@@ -106,7 +106,8 @@ class LSQQuantizer(Quantizer):
         step = broadcast_channels(step, x, self.channel_axis)
         shift = broadcast_channels(shift, x, self.channel_axis)
         qmin, qmax = self.code_range
-        return round_ste(torch.clamp((x - shift) / step, qmin, qmax)) * step + shift
+        zero_shift = not self.binary and getattr(self, "offset", None) is None
+        return lsq_fake_quantize(x, step, None if zero_shift else shift, qmin, qmax)
 
     @torch.no_grad()
     def grid(self) -> QuantGrid:

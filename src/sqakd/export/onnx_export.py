@@ -1,0 +1,262 @@
+"""Export a calibrated fake-quantized model to ONNX with integer weights (QDQ format).
+
+The graph is the export view (:mod:`sqakd.export.view`) traced by torch's TorchScript ONNX
+exporter: each quantized layer becomes ``DequantizeLinear(integer codes)`` for its weight and
+``QuantizeLinear -> DequantizeLinear`` for its input, the rest of the model stays float. The batch
+axis is dynamic. Batch norm is folded into the convolutions that precede it only where that
+keeps parity: into float convolutions. A batch norm after a quantized convolution stays a
+``BatchNormalization`` node, because folding it would change the weight the integer codes
+describe.
+
+Each layer's true bit-widths, methods and container types go into the model's
+``metadata_props`` under ``sqakd.layers`` (JSON), so that a 4-bit layer stored in an int8
+container is still known as 4-bit.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ._optional import require
+from .batchnorm import fold_batchnorm as fold_batchnorm_pass
+from .view import LayerExport, build_export_view
+
+#: the TorchScript exporter writes opsets up to 20; int16 QuantizeLinear/DequantizeLinear need 21
+TRACE_MAX_OPSET = 20
+INT16_MIN_OPSET = 21
+MIN_OPSET = 13  # per-axis DequantizeLinear
+INPUT_NAME, OUTPUT_NAME = "input", "logits"
+METADATA_KEY = "sqakd.layers"
+
+
+@dataclass
+class ExportReport:
+    """What :func:`export_onnx` wrote: per-layer decisions, the opset and the file size."""
+
+    path: Path
+    opset: int
+    file_bytes: int
+    input_shape: tuple[int, ...]
+    layers: list[LayerExport]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def float_fallbacks(self) -> list[str]:
+        """Names of the layers with a weight or input left in float."""
+        return [layer.name for layer in self.layers if layer.float_fallback]
+
+    def __str__(self) -> str:
+        header = ("layer", "W/A bits", "weight", "input", "notes")
+        rows = [header] + [
+            (
+                layer.name,
+                f"{_bits(layer.weight_bits)}/{_bits(layer.act_bits)}",
+                layer.weight_export,
+                layer.act_export,
+                "; ".join(layer.notes),
+            )
+            for layer in self.layers
+        ]
+        widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        lines.append(f"{self.path}: {self.file_bytes:,} bytes, opset {self.opset}")
+        lines.extend(self.notes)
+        return "\n".join(lines)
+
+
+def _bits(bits: int) -> str:
+    return "f" if bits >= 32 else str(bits)
+
+
+def export_onnx(
+    model: nn.Module,
+    path: str | Path,
+    input_shape: tuple[int, ...],
+    opset: int = 17,
+    fold_batchnorm: bool = True,
+) -> ExportReport:
+    """Write ``model`` (prepared and calibrated) to ``path`` as an ONNX QDQ model.
+
+    Args:
+        model: a model from :func:`sqakd.quant.prepare`, calibrated (the model is not changed).
+        path: the ``.onnx`` file to write; its folder must exist.
+        input_shape: the shape of one input batch, e.g. ``(1, 3, 32, 32)``; the batch axis is
+            exported as dynamic.
+        opset: ONNX opset (13 or higher). Raised to 21 when a layer needs int16 codes (8-bit
+            weights with a half-integer zero point, e.g. EWGS W8), and said so in the report.
+        fold_batchnorm: fold batch norm into the float convolutions before it.
+    """
+    onnx = require("onnx")
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise ValueError(f"output folder {path.parent} does not exist; create it first")
+    input_shape = _check_input_shape(input_shape)
+    if not isinstance(opset, int) or not MIN_OPSET <= opset <= onnx.defs.onnx_opset_version():
+        raise ValueError(
+            f"opset must be {MIN_OPSET}..{onnx.defs.onnx_opset_version()}, got {opset!r}"
+        )
+    view, layers = build_export_view(model)
+    notes = []
+    target_opset = opset
+    int16_layers = [layer.name for layer in layers if layer.weight_container == "int16"]
+    if int16_layers and opset < INT16_MIN_OPSET:
+        target_opset = INT16_MIN_OPSET
+        notes.append(
+            f"opset raised from {opset} to {INT16_MIN_OPSET}: int16 weight codes in "
+            f"{', '.join(int16_layers)}"
+        )
+    proto = _trace(view, input_shape, min(target_opset, TRACE_MAX_OPSET))
+    _inline_initializer_copies(proto)
+    folded = None
+    if fold_batchnorm:
+        folded = fold_batchnorm_pass(proto, tuple(_scope(layer.name) for layer in layers))
+    if target_opset > TRACE_MAX_OPSET:
+        _raise_opset(proto, target_opset)
+    _find_layer_outputs(proto, layers)
+    notes.append(_batchnorm_note(proto, folded))
+    fallbacks = [layer.name for layer in layers if layer.float_fallback]
+    if fallbacks:
+        notes.append(f"float fallback (see the notes column) in: {', '.join(fallbacks)}")
+    _write_metadata(proto, layers, input_shape)
+    onnx.checker.check_model(proto, full_check=True)
+    onnx.save(proto, str(path))
+    return ExportReport(path, target_opset, path.stat().st_size, input_shape, layers, notes)
+
+
+def _check_input_shape(input_shape: tuple[int, ...]) -> tuple[int, ...]:
+    shape = tuple(input_shape) if isinstance(input_shape, (tuple, list, torch.Size)) else ()
+    if len(shape) < 2 or not all(isinstance(d, int) and d > 0 for d in shape):
+        raise ValueError(
+            f"input_shape must be the shape of one batch as positive whole numbers, e.g. "
+            f"(1, 3, 32, 32); got {input_shape!r}"
+        )
+    return shape
+
+
+def _trace(view: nn.Module, input_shape: tuple[int, ...], opset: int):
+    onnx = require("onnx")
+    example = torch.zeros(input_shape)
+    # PRESERVE on an eval-mode model: inference graph without the exporter's own Conv+BN fusion,
+    # which would also fold into quantized layers whose weight is a float constant
+    mode = torch.onnx.TrainingMode.PRESERVE
+    buffer = io.BytesIO()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+        torch.onnx.export(
+            view,
+            (example,),
+            buffer,
+            dynamo=False,
+            opset_version=opset,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            do_constant_folding=True,
+            training=mode,
+        )
+    proto = onnx.load_from_string(buffer.getvalue())
+    proto.producer_name = "sqakd"
+    return proto
+
+
+def _inline_initializer_copies(proto) -> None:  # type: ignore[no-untyped-def]
+    """The exporter stores equal initializers once and feeds the others through ``Identity``
+    nodes; point their readers at the initializer itself so every DequantizeLinear reads its
+    codes, scale and zero point directly."""
+    initializers = {init.name for init in proto.graph.initializer}
+    outputs = {output.name for output in proto.graph.output}
+    copies = {
+        node.output[0]: node.input[0]
+        for node in proto.graph.node
+        if node.op_type == "Identity"
+        and node.input[0] in initializers
+        and node.output[0] not in outputs
+    }
+    if not copies:
+        return
+    kept = [
+        node
+        for node in proto.graph.node
+        if node.output[0] not in copies or node.op_type != "Identity"
+    ]
+    for node in kept:
+        for index, name in enumerate(node.input):
+            node.input[index] = copies.get(name, name)
+    del proto.graph.node[:]
+    proto.graph.node.extend(kept)
+
+
+def _raise_opset(proto, opset: int) -> None:  # type: ignore[no-untyped-def]
+    """Opset 21 changed no op the export view emits except by adding types (int4, int16 in
+    QuantizeLinear/DequantizeLinear, ...), so the opset-20 graph is valid as it stands."""
+    for entry in proto.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            entry.version = opset
+
+
+def _scope(name: str) -> str:
+    """The TorchScript exporter's node-name prefix of module ``name``: one path element per
+    ancestor, each its qualified name from its last non-numeric part on (``features.17.conv.1.0``
+    -> ``/features/features.17/conv/conv.1/conv.1.0/``)."""
+    parts = name.split(".")
+    elements = []
+    for end in range(1, len(parts) + 1):
+        atoms = parts[:end]
+        start = max((i for i, atom in enumerate(atoms) if not atom.isnumeric()), default=0)
+        elements.append(".".join(atoms[start:]))
+    return "/" + "/".join(elements) + "/"
+
+
+def _find_layer_outputs(proto, layers: list[LayerExport]) -> None:  # type: ignore[no-untyped-def]
+    """Each layer's output is the output of the last node inside its module scope; its input is
+    the one tensor its nodes read that neither they nor an initializer produce."""
+    constants = {init.name for init in proto.graph.initializer}
+    for layer in layers:
+        prefix = _scope(layer.name) if layer.name else "/"
+        inside = [node for node in proto.graph.node if node.name.startswith(prefix)]
+        if not inside:
+            continue
+        layer.output = inside[-1].output[0]
+        made = {name for node in inside for name in node.output} | constants
+        outer = list(dict.fromkeys(n for node in inside for n in node.input if n and n not in made))
+        if len(outer) == 1:
+            layer.input = outer[0]
+
+
+def _batchnorm_note(proto, folded: int | None) -> str:  # type: ignore[no-untyped-def]
+    kept = sum(node.op_type == "BatchNormalization" for node in proto.graph.node)
+    if folded is None:
+        return f"batch norm not folded ({kept} BatchNormalization nodes)"
+    return (
+        f"batch norm: {folded} of {folded + kept} folded into float convolutions; {kept} kept "
+        f"(after quantized layers, where folding would change the quantized weights)"
+    )
+
+
+def _write_metadata(proto, layers: list[LayerExport], input_shape: tuple[int, ...]) -> None:  # type: ignore[no-untyped-def]
+    entries = {
+        METADATA_KEY: json.dumps([layer.as_dict() for layer in layers]),
+        "sqakd.input_shape": json.dumps(list(input_shape)),
+        "sqakd.format": "qdq",
+    }
+    for key, value in entries.items():
+        prop = proto.metadata_props.add()
+        prop.key, prop.value = key, value
+
+
+def read_layer_metadata(onnx_path: str | Path) -> list[dict[str, object]]:
+    """The per-layer records :func:`export_onnx` stored in the file's ``metadata_props``."""
+    onnx = require("onnx")
+    proto = onnx.load(str(onnx_path), load_external_data=False)
+    for prop in proto.metadata_props:
+        if prop.key == METADATA_KEY:
+            return json.loads(prop.value)
+    raise ValueError(f"{onnx_path} has no {METADATA_KEY} metadata; export it with sqakd.export")

@@ -1,0 +1,329 @@
+"""The export view: a copy of a prepared model in which every quantized layer is replaced by its
+deployable twin, whose forward is made of ops that export as ONNX QuantizeLinear and
+DequantizeLinear nodes.
+
+For a quantized layer with weight grid ``(scale, zero_point)`` and activation grid::
+
+    weight: DequantizeLinear(codes, scale, zero_point, axis)           integer initializer
+    input:  Clip(x + pre_shift) -> QuantizeLinear(input_scale, zi)
+                               -> DequantizeLinear(scale, zo) (+ post_shift)
+    output: Conv / Gemm(input, weight, float bias)
+
+(see :mod:`sqakd.export.integer` for the shifts and containers). What has no integer form stays
+in float and is named in the layer's report: weights on non-uniform grids (e.g. APoT) become
+their fake-quantized float values; activations on non-uniform grids become a nearest-level
+lookup (a binary search over the sorted levels: ``log2(levels)`` Gather/Greater/Where steps),
+used only after checking that it reproduces the quantizer's forward on a dense probe of its
+range, and otherwise the quantizer's own forward exported as float ops. Only the quantizer
+contract (``grid()``, ``codes()``, the forward) is used: no method is special-cased.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..quant import QuantConv2d, QuantGrid, QuantizedLayer, Quantizer, QuantLinear, quantized_layers
+from ..quant.base import broadcast_channels
+from ..quant.policy import FLOAT_BITS
+from .integer import (
+    CONTAINERS,
+    ActivationForm,
+    WeightForm,
+    activation_form,
+    check_calibrated,
+    weight_codes,
+    weight_form,
+)
+
+
+class QuantizeLinear(torch.autograd.Function):
+    """``clamp(round(x / scale) + zero_point)`` in the zero point's integer type; exports as
+    ONNX ``QuantizeLinear`` (round half to even, saturation to the type, as ONNX specifies)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, scale: Tensor, zero_point: Tensor) -> Tensor:  # type: ignore[override]
+        lowest, highest, dtype = _container_of(zero_point)
+        codes = torch.round(x / scale) + zero_point.float()
+        return torch.clamp(codes, lowest, highest).to(dtype)
+
+    @staticmethod
+    def symbolic(g, x, scale, zero_point):  # type: ignore[no-untyped-def]
+        return g.op("QuantizeLinear", x, scale, zero_point)
+
+
+class DequantizeLinear(torch.autograd.Function):
+    """``scale * (codes - zero_point)``, per tensor or per channel along ``axis``; exports as
+    ONNX ``DequantizeLinear``."""
+
+    @staticmethod
+    def forward(ctx, codes: Tensor, scale: Tensor, zero_point: Tensor, axis: int | None) -> Tensor:  # type: ignore[override]
+        if axis is not None:
+            shape = [1] * codes.dim()
+            shape[axis] = -1
+            scale, zero_point = scale.reshape(shape), zero_point.reshape(shape)
+        return (codes.float() - zero_point.float()) * scale
+
+    @staticmethod
+    def symbolic(g, codes, scale, zero_point, axis):  # type: ignore[no-untyped-def]
+        if axis is None:
+            return g.op("DequantizeLinear", codes, scale, zero_point)
+        return g.op("DequantizeLinear", codes, scale, zero_point, axis_i=axis)
+
+
+def _container_of(zero_point: Tensor) -> tuple[int, int, torch.dtype]:
+    return next(c for c in CONTAINERS.values() if c[2] == zero_point.dtype)
+
+
+FloatOp = Callable[[Tensor, Tensor, Tensor | None], Tensor]
+
+
+def _conv_op(layer: nn.Module) -> FloatOp:
+    assert isinstance(layer, nn.Conv2d)
+    stride, dilation, groups = layer.stride, layer.dilation, layer.groups
+    if layer.padding_mode == "zeros":
+        padding = layer.padding
+        return lambda x, w, b: F.conv2d(x, w, b, stride, padding, dilation, groups)
+    pad, mode = layer._reversed_padding_repeated_twice, layer.padding_mode
+    return lambda x, w, b: F.conv2d(F.pad(x, pad, mode=mode), w, b, stride, 0, dilation, groups)
+
+
+def _linear_op(layer: nn.Module) -> FloatOp:
+    return F.linear
+
+
+#: quantized layer type -> the float op its deployable twin runs
+FLOAT_OPS: dict[type[QuantizedLayer], Callable[[nn.Module], FloatOp]] = {
+    QuantConv2d: _conv_op,
+    QuantLinear: _linear_op,
+}
+
+
+@dataclass
+class LayerExport:
+    """How one quantized layer was exported."""
+
+    name: str
+    kind: str
+    weight_bits: int
+    act_bits: int
+    weight_method: str | None
+    act_method: str | None
+    weight_export: str
+    act_export: str
+    notes: list[str] = field(default_factory=list)
+    #: names of the ONNX tensors holding the layer's input and output (filled in after export)
+    input: str = ""
+    output: str = ""
+    #: integer container of the weight codes ("" when the weight is float)
+    weight_container: str = ""
+
+    @property
+    def float_fallback(self) -> bool:
+        return self.weight_export.startswith("float") or self.act_export.startswith("float")
+
+    def as_dict(self) -> dict[str, object]:
+        return dict(self.__dict__)
+
+
+class ExportedLayer(nn.Module):
+    """The deployable twin of a calibrated :class:`~sqakd.quant.QuantizedLayer`."""
+
+    def __init__(self, name: str, layer: QuantizedLayer) -> None:
+        super().__init__()
+        self.op = FLOAT_OPS[type(layer)](layer)
+        self.register_buffer("bias", None if layer.bias is None else layer.bias.detach().clone())
+        wq = layer.weight_quantizer if layer.quantization_enabled else None
+        aq = layer.act_quantizer if layer.quantization_enabled else None
+        self.report = LayerExport(
+            name=name,
+            kind=type(layer).__name__,
+            weight_bits=wq.bits if wq else FLOAT_BITS,
+            act_bits=aq.bits if aq else FLOAT_BITS,
+            weight_method=wq.method if wq else None,
+            act_method=aq.method if aq else None,
+            weight_export="",
+            act_export="",
+        )
+        if not layer.quantization_enabled:
+            self.report.notes.append("quantization switched off: exported in float")
+        self._set_weight(layer)
+        self._set_activation(aq)
+
+    # ---------------------------------------------------------------------------------- weight
+    def _set_weight(self, layer: QuantizedLayer) -> None:
+        self.weight_axis: int | None = None
+        self.register_buffer("weight_codes", None)
+        self.register_buffer("weight_scale", None)
+        self.register_buffer("weight_zero_point", None)
+        quantizer = layer.weight_quantizer if layer.quantization_enabled else None
+        if quantizer is None:
+            self.register_buffer("weight_float", layer.weight.detach().clone())
+            self.report.weight_export = "float (not quantized)"
+            return
+        codes, values = weight_codes(quantizer, layer.weight)
+        form = weight_form(codes, quantizer.grid())
+        if isinstance(form, str):
+            self.register_buffer("weight_float", values.clone())
+            self.report.weight_export = f"float ({form})"
+            self.report.notes.append(f"weight kept as its fake-quantized float values: {form}")
+            return
+        self._set_integer_weight(form)
+
+    def _set_integer_weight(self, form: WeightForm) -> None:
+        self.register_buffer("weight_float", None)
+        self.weight_codes, self.weight_scale = form.codes, form.scale
+        self.weight_zero_point, self.weight_axis = form.zero_point, form.axis
+        if form.offset is not None:
+            offset = broadcast_channels(form.offset, form.codes, form.axis or 0)
+            self.register_buffer("weight_offset", offset.clone())
+            self.report.notes.append(
+                "fractional weight zero point: integer codes plus a float offset per channel"
+            )
+        kind = "per-channel" if form.axis is not None else "per-tensor"
+        self.report.weight_export = f"{form.container} codes, {kind} DequantizeLinear"
+        self.report.weight_container = form.container
+        if form.doubled:
+            self.report.notes.append(
+                "half-integer weight zero point carried as codes 2q - 2z with scale/2"
+            )
+
+    def weight(self) -> Tensor:
+        if self.weight_float is not None:
+            return self.weight_float
+        weight = DequantizeLinear.apply(
+            self.weight_codes, self.weight_scale, self.weight_zero_point, self.weight_axis
+        )
+        offset = getattr(self, "weight_offset", None)
+        return weight if offset is None else weight + offset
+
+    # ------------------------------------------------------------------------------ activation
+    def _set_activation(self, quantizer: Quantizer | None) -> None:
+        self.act_traced: nn.Module | None = None
+        self.act_lookup: LevelLookup | None = None
+        self.act: ActivationForm | None = None
+        if quantizer is None:
+            self.report.act_export = "none (float input)"
+            return
+        grid = quantizer.grid()
+        form = activation_form(grid)
+        if isinstance(form, str):
+            lookup = LevelLookup.matching(quantizer, grid)
+            if lookup is not None:
+                self.act_lookup = lookup
+                self.report.act_export = f"float ops (nearest of {lookup.count} levels)"
+                self.report.notes.append(f"input on {form}: a nearest-level lookup")
+                return
+            self.act_traced = copy.deepcopy(quantizer).eval()
+            self.report.act_export = f"float ops ({form})"
+            self.report.notes.append(f"input quantizer exported as its float forward: {form}")
+            return
+        self.act = form
+        for key in ("q_scale", "q_zero_point", "dq_scale", "dq_zero_point"):
+            self.register_buffer(f"act_{key}", getattr(form, key))
+        extras = [
+            "+shift" if form.pre_shift else "",
+            "clip" if form.clip else "",
+        ]
+        detail = ", ".join(e for e in extras if e)
+        self.report.act_export = f"QuantizeLinear/DequantizeLinear {form.container}" + (
+            f" ({detail})" if detail else ""
+        )
+        if form.pre_shift or form.post_shift:
+            self.report.notes.append("fractional activation zero point carried as a float shift")
+
+    def quantize_input(self, x: Tensor) -> Tensor:
+        if self.act_traced is not None:
+            return self.act_traced(x)
+        if self.act_lookup is not None:
+            return self.act_lookup(x)
+        form = self.act
+        if form is None:
+            return x
+        if form.pre_shift:
+            x = x + form.pre_shift
+        if form.clip is not None:
+            x = torch.clamp(x, form.clip[0], form.clip[1])
+        codes = QuantizeLinear.apply(x, self.act_q_scale, self.act_q_zero_point)
+        x = DequantizeLinear.apply(codes, self.act_dq_scale, self.act_dq_zero_point, None)
+        if form.post_shift:
+            x = x + form.post_shift
+        return x
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.op(self.quantize_input(x), self.weight(), self.bias)
+
+
+class LevelLookup(nn.Module):
+    """The nearest of ``count`` sorted levels (ties to the lower one), by binary search: at each
+    of ``log2`` steps an index moves up by ``step`` where ``x`` exceeds the midpoint below the
+    candidate level. Exports as Gather/Greater/Where on the small threshold table."""
+
+    def __init__(self, levels: Tensor) -> None:
+        super().__init__()
+        self.count = levels.numel()
+        self.steps = [2**i for i in reversed(range(max(1, (self.count - 1).bit_length())))]
+        size = 2 * self.steps[0]
+        thresholds = torch.full((size,), float("inf"))
+        thresholds[: self.count - 1] = (levels[1:] + levels[:-1]) / 2
+        padded = torch.cat([levels, levels[-1].expand(size - self.count)])
+        self.register_buffer("thresholds", thresholds)
+        self.register_buffer("levels", padded)
+
+    def forward(self, x: Tensor) -> Tensor:
+        index = torch.zeros_like(x, dtype=torch.int64)
+        for step in self.steps:
+            candidate = index + step
+            index = torch.where(x > self.thresholds[candidate - 1], candidate, index)
+        return self.levels[index]
+
+    @classmethod
+    @torch.no_grad()
+    def matching(cls, quantizer: Quantizer, grid: QuantGrid) -> LevelLookup | None:
+        """A lookup over ``grid.levels`` if it reproduces ``quantizer``'s forward on a dense probe
+        of the levels' range (away from the midpoints, where the two may round apart)."""
+        levels = grid.levels
+        if levels is None or levels.dim() != 1 or levels.numel() < 2:
+            return None
+        levels = levels.detach().float()
+        if not bool(torch.all(levels[1:] > levels[:-1])):
+            return None
+        lookup = cls(levels)
+        span = float(levels[-1] - levels[0])
+        probe = torch.linspace(float(levels[0]) - span, float(levels[-1]) + span, 20001)
+        probe = torch.cat([probe, levels])
+        midpoints = lookup.thresholds[: lookup.count - 1]
+        near = (probe.unsqueeze(1) - midpoints).abs().min(dim=1).values <= 1e-5 * span
+        probe = probe[~near]
+        expected = copy.deepcopy(quantizer).eval()(probe)
+        return lookup if torch.equal(lookup(probe), expected) else None
+
+
+def build_export_view(model: nn.Module) -> tuple[nn.Module, list[LayerExport]]:
+    """A deep copy of ``model`` (eval mode) with every quantized layer swapped for its
+    :class:`ExportedLayer`, and the per-layer export decisions."""
+    layers = quantized_layers(model)
+    if not layers:
+        raise ValueError(
+            "the model has no quantized layer; run `sqakd quantize` first, or "
+            "sqakd.prepare(model, policy) and sqakd.calibrate(...) before exporting"
+        )
+    for name, layer in layers:
+        if layer.quantizes:
+            check_calibrated(name, layer)
+    view = copy.deepcopy(model).eval()
+    reports = []
+    for name, layer in quantized_layers(view):
+        twin = ExportedLayer(name, layer)
+        reports.append(twin.report)
+        if not name:
+            return twin, reports
+        parent_name, _, child = name.rpartition(".")
+        parent = view.get_submodule(parent_name) if parent_name else view
+        setattr(parent, child, twin)
+    return view, reports

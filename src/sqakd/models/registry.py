@@ -1,0 +1,152 @@
+"""Models by name: one constructor signature, ``build_model(name, num_classes, in_channels)``.
+
+A registered name builds one of our architectures. A name of the form ``package.module:function``
+or ``path/to/file.py:function`` imports the user's own builder and calls it with the same keyword
+arguments, so any ``nn.Module`` can be quantized and distilled without registering it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import inspect
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from torch import nn
+
+Builder = TypeVar("Builder", bound=Callable[..., nn.Module])
+
+_MODELS: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_model(name: str) -> Callable[[Builder], Builder]:
+    """Decorator: make ``builder(num_classes=..., in_channels=..., **options)`` available as ``name``."""
+
+    def add(builder: Builder) -> Builder:
+        if name in _MODELS:
+            raise ValueError(f"model {name!r} is registered twice")
+        if ":" in name:
+            raise ValueError(
+                f"model name {name!r} may not contain ':' (reserved for module:function)"
+            )
+        _MODELS[name] = builder
+        return builder
+
+    return add
+
+
+def available_models() -> list[str]:
+    """Names of every registered model, sorted."""
+    return sorted(_MODELS)
+
+
+def build_model(
+    name: str, num_classes: int = 10, in_channels: int | None = None, **kwargs: Any
+) -> nn.Module:
+    """Build the model ``name`` for ``num_classes`` classes and ``in_channels`` input channels.
+
+    ``name`` is a registered name (see :func:`available_models`) or a user builder given as
+    ``package.module:function`` / ``path/to/file.py:function``. ``in_channels=None`` keeps the
+    architecture's default (3 for colour images, 1 for ``small_cnn``). ``kwargs`` are the
+    architecture's own options (e.g. ``width_mult`` for MobileNetV2).
+    """
+    for label, value in (("num_classes", num_classes), ("in_channels", in_channels)):
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or value < 1
+        ):
+            raise ValueError(f"{label} must be a positive whole number, got {value!r}")
+    builder = _user_builder(name) if ":" in name else _registered_builder(name)
+    arguments = {"num_classes": num_classes, **kwargs}
+    if in_channels is not None:
+        arguments["in_channels"] = in_channels
+    _check_arguments(name, builder, arguments)
+    model = builder(**arguments)
+    if not isinstance(model, nn.Module):
+        raise ValueError(
+            f"model builder {name!r} returned {type(model).__name__}, not a torch.nn.Module"
+        )
+    return model
+
+
+def _registered_builder(name: str) -> Callable[..., nn.Module]:
+    try:
+        return _MODELS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown model {name!r}; choose one of: {', '.join(available_models())}, "
+            "or give your own as 'package.module:function' or 'path/to/file.py:function'"
+        ) from None
+
+
+def _user_builder(spec: str) -> Callable[..., nn.Module]:
+    """Import ``module:function`` or ``file.py:function`` and return the function."""
+    location, _, function_name = spec.rpartition(":")
+    if not location or not function_name.isidentifier():
+        raise ValueError(
+            f"model {spec!r} is not of the form 'package.module:function' or 'path/to/file.py:function'"
+        )
+    module = _import_file(location) if location.endswith(".py") else _import_module(location)
+    builder = getattr(module, function_name, None)
+    if builder is None:
+        raise ValueError(f"model {spec!r}: {location} has no attribute {function_name!r}")
+    if not callable(builder):
+        raise ValueError(
+            f"model {spec!r}: {function_name} is a {type(builder).__name__}, not a function"
+        )
+    return builder
+
+
+def _import_module(location: str) -> Any:
+    try:
+        return importlib.import_module(location)
+    except ModuleNotFoundError as error:
+        raise ValueError(
+            f"model module {location!r} cannot be imported ({error}); put it on PYTHONPATH or "
+            "give a file as 'path/to/file.py:function'"
+        ) from None
+
+
+def _import_file(location: str) -> Any:
+    path = Path(location).expanduser().resolve()
+    if not path.is_file():
+        raise ValueError(f"model file {location} does not exist")
+    module_name = f"sqakd_user_model_{hashlib.sha1(str(path).encode()).hexdigest()[:12]}"
+    if module_name in sys.modules:
+        return sys.modules[module_name]
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    if spec is None or spec.loader is None:
+        raise ValueError(f"model file {location} cannot be imported as Python")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[module_name]
+        raise
+    return module
+
+
+def _check_arguments(
+    name: str, builder: Callable[..., nn.Module], arguments: dict[str, Any]
+) -> None:
+    """Report an option the builder does not take as one line naming the ones it does."""
+    try:
+        signature = inspect.signature(builder)
+    except (TypeError, ValueError):  # builtins without a signature: let the call decide
+        return
+    try:
+        signature.bind(**arguments)
+    except TypeError as error:
+        accepted = [
+            p.name
+            for p in signature.parameters.values()
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        ]
+        raise ValueError(
+            f"model {name!r} cannot be called with {', '.join(arguments)} ({error}); "
+            f"it accepts: {', '.join(accepted) or 'no keyword arguments'}"
+        ) from None

@@ -1,0 +1,246 @@
+"""Fused fake-quantization kernels: each quantizer's whole forward and backward in a few passes
+over the tensor, instead of one pass (and one temporary) per operation of its definition.
+
+Two ways to run them:
+
+- eager (default): hand-fused PyTorch ops, about a third of the memory traffic of the
+  op-by-op definition;
+- compiled (:func:`use_compiled_kernels`, ``run.compile: true``): the same formulas through
+  ``torch.compile`` (one loop for the forward, one for the backward with its sums). It needs a
+  C++ compiler; the first use compiles for some seconds (cached on disk afterwards), and if
+  compiling fails the eager kernels are used with a warning.
+
+Each autograd function states the gradient it computes; the tests compare both ways with the
+op-by-op definitions.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+_compiled: dict[str, Callable[..., Any]] = {}
+_use_compiled = False
+
+
+def use_compiled_kernels(enabled: bool = True) -> None:
+    """Run the fused kernels through ``torch.compile`` (``True``) or eagerly (``False``)."""
+    global _use_compiled
+    _use_compiled = enabled
+
+
+def compiled_kernels_enabled() -> bool:
+    return _use_compiled
+
+
+def _run(name: str, eager: Callable[..., Any], *args: Any) -> Any:
+    """``eager(*args)``, compiled when compiled kernels are on (falls back to eager for good,
+    with one warning, if ``torch.compile`` cannot build it here)."""
+    global _use_compiled
+    if not _use_compiled or torch.is_grad_enabled():
+        return eager(*args)
+    kernel = _compiled.get(name)
+    if kernel is None:
+        kernel = _compiled[name] = torch.compile(eager, dynamic=True)
+    try:
+        return kernel(*args)
+    except Exception as error:  # noqa: BLE001 - any compiler failure means: stay eager
+        logging.getLogger("sqakd").warning(
+            "torch.compile could not build the %s kernel (%s: %s); using the eager kernels",
+            name,
+            type(error).__name__,
+            str(error).splitlines()[0][:200] if str(error) else "",
+        )
+        _use_compiled = False
+        return eager(*args)
+
+
+def _channel_view(value: Tensor, like: Tensor) -> Tensor:
+    """A per-channel vector (C,) as (C, 1, ..., 1) against ``like``; 0-d stays 0-d."""
+    return value if value.dim() == 0 else value.reshape((-1,) + (1,) * (like.dim() - 1))
+
+
+def _sum_to(values: Tensor, like: Tensor) -> Tensor:
+    """Sum ``values`` to the shape of ``like``: everything (0-d) or all but dim 0 (per channel)."""
+    if like.dim() == 0:
+        return values.sum()
+    return values.sum(dim=tuple(range(1, values.dim())), keepdim=True)
+
+
+def _flat(tensor: Tensor) -> Tensor:
+    """A 1-d view in memory order (contiguous or channels-last), else a copy."""
+    if tensor.dim() == 4 and not tensor.is_contiguous():
+        if tensor.is_contiguous(memory_format=torch.channels_last):
+            return tensor.permute(0, 2, 3, 1).reshape(-1)
+    return tensor.reshape(-1)
+
+
+def _dot(a: Tensor, b: Tensor) -> Tensor:
+    """``(a * b).sum()`` without the temporary when both share a layout."""
+    if a.stride() == b.stride():
+        return torch.dot(_flat(a), _flat(b))
+    return (a * b).sum()
+
+
+# ------------------------------------------------------------------------------------- EWGS
+def _ewgs_forward(x: Tensor, scale: Tensor, bias: Tensor, num_steps: int) -> Tensor:
+    return torch.round(torch.clamp(x * scale + bias, 0.0, num_steps)) / num_steps
+
+
+def _ewgs_backward(
+    grad: Tensor,
+    x: Tensor,
+    scale: Tensor,
+    bias: Tensor,
+    width: Tensor,
+    delta: Tensor,
+    num_steps: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    scaled = x * scale + bias
+    clamped = torch.clamp(scaled, 0.0, num_steps)
+    error = clamped - torch.round(clamped)  # n (t - q)
+    g = torch.where(clamped == scaled, grad + (delta / num_steps) * grad.abs() * error, 0.0)
+    total = _sum_to(g, width)
+    weighted = _sum_to(g * clamped, width) / num_steps
+    return g / width, (weighted - total) / width, -weighted / width
+
+
+class EWGSFakeQuantize(torch.autograd.Function):
+    """EWGS's forward ``q = round(clamp((x - l) / (u - l), 0, 1) * n) / n`` and backward.
+
+    With ``w = u - l``, ``t = clamp((x - l) / w, 0, 1)`` and, on elements inside ``[l, u]``
+    (bounds included, as ``torch.clamp``), ``G = g (1 + delta sign(g) (t - q))`` (0 outside):
+    ``dx = G / w``, ``du = -sum(G t) / w``, ``dl = sum(G (t - 1)) / w``, the sums per channel
+    when ``l``/``u`` are per-channel vectors (channel axis 0). delta = 0 is the STE.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx, x: Tensor, lower: Tensor, upper: Tensor, num_steps: int, delta: Tensor
+    ) -> Tensor:
+        low = _channel_view(lower, x)
+        width = _channel_view(upper, x) - low
+        scale = num_steps / width
+        bias = -low * scale
+        ctx.num_steps, ctx.range_shape = num_steps, lower.shape
+        if _use_compiled:
+            ctx.compiled = True
+            ctx.save_for_backward(x, scale, bias, width, delta)
+            return _run("ewgs_forward", _ewgs_forward, x, scale, bias, num_steps)
+        ctx.compiled = False
+        scaled = torch.addcmul(bias, x, scale)  # t * n before clamping
+        clamped = scaled.clamp(0.0, num_steps)
+        outside = clamped != scaled
+        del scaled
+        out = torch.round(clamped).div_(num_steps)
+        # delta == 0 (STE) skips the scaling; read on CPU only (no device sync on GPUs)
+        ctx.plain_ste = delta.device.type == "cpu" and float(delta) == 0.0
+        ctx.save_for_backward(clamped, out, outside, width, delta)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, Tensor, None, None]:  # type: ignore[override]
+        n = ctx.num_steps
+        if ctx.compiled:
+            x, scale, bias, width, delta = ctx.saved_tensors
+            grad_x, grad_lower, grad_upper = _run(
+                "ewgs_backward", _ewgs_backward, grad, x, scale, bias, width, delta, n
+            )
+            return (
+                grad_x,
+                grad_lower.reshape(ctx.range_shape),
+                grad_upper.reshape(ctx.range_shape),
+                None,
+                None,
+            )
+        clamped, out, outside, width, delta = ctx.saved_tensors
+        if ctx.plain_ste:
+            g = grad.masked_fill(outside, 0.0)
+        else:
+            error = torch.sub(clamped, out, alpha=n).mul_(grad.abs())  # n (t - q) |g|
+            g = torch.addcmul(grad, error, delta / n).masked_fill_(outside, 0.0)
+        total = _sum_to(g, width)
+        weighted = (_dot(g, clamped) if width.dim() == 0 else _sum_to(g * clamped, width)) / n
+        grad_lower = ((weighted - total) / width).reshape(ctx.range_shape)
+        grad_upper = (-weighted / width).reshape(ctx.range_shape)
+        return g.div_(width), grad_lower, grad_upper, None, None
+
+
+def ewgs_fake_quantize(
+    x: Tensor, lower: Tensor, upper: Tensor, num_steps: int, delta: Tensor
+) -> Tensor:
+    """``round(clamp((x - lower) / (upper - lower), 0, 1) * num_steps) / num_steps`` with the
+    EWGS backward (:class:`EWGSFakeQuantize`); ``lower``/``upper`` 0-d or per channel (axis 0)."""
+    return EWGSFakeQuantize.apply(x, lower, upper, num_steps, delta.to(x.dtype))
+
+
+# -------------------------------------------------------------------------------------- LSQ
+def _lsq_forward(x: Tensor, step: Tensor, shift: Tensor, qmin: int, qmax: int) -> Tensor:
+    return torch.round(torch.clamp((x - shift) / step, qmin, qmax)) * step + shift
+
+
+def _lsq_backward(
+    grad: Tensor, x: Tensor, step: Tensor, shift: Tensor, qmin: int, qmax: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    normalised = (x - shift) / step
+    clamped = torch.clamp(normalised, qmin, qmax)
+    grad_x = torch.where(clamped == normalised, grad, 0.0)
+    grad_step = _sum_to(grad * torch.round(clamped) - grad_x * clamped, step)
+    grad_shift = _sum_to(grad - grad_x, step)
+    return grad_x, grad_step, grad_shift
+
+
+class LSQFakeQuantize(torch.autograd.Function):
+    """``round(clamp((x - shift) / step, qmin, qmax)) * step + shift`` with the LSQ gradients
+    (Esser et al., Eq. 3). With ``t = (x - shift) / step``, ``c = clamp(t)`` and inside =
+    ``qmin <= t <= qmax``: ``dx = g`` inside, 0 outside; ``dstep = sum(g (round(c) - t inside))``
+    (``round(t) - t`` inside, ``qmin``/``qmax`` outside); ``dshift = sum of g outside``. ``step``
+    and ``shift`` are 0-d or shaped to broadcast per channel; ``shift`` may be ``None`` (0)."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx, x: Tensor, step: Tensor, shift: Tensor | None, qmin: int, qmax: int
+    ) -> Tensor:
+        ctx.has_shift, ctx.codes = shift is not None, (qmin, qmax)
+        if _use_compiled:
+            ctx.compiled = True
+            shift_or_zero = torch.zeros_like(step) if shift is None else shift
+            ctx.save_for_backward(x, step, shift_or_zero)
+            return _run("lsq_forward", _lsq_forward, x, step, shift_or_zero, qmin, qmax)
+        ctx.compiled = False
+        normalised = (x if shift is None else x - shift).div(step)
+        clamped = normalised.clamp(qmin, qmax)
+        outside = clamped != normalised
+        del normalised
+        out = torch.round(clamped).mul_(step)
+        if shift is not None:
+            out.add_(shift)
+        ctx.save_for_backward(clamped, outside, step)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, Tensor | None, None, None]:  # type: ignore[override]
+        if ctx.compiled:
+            x, step, shift = ctx.saved_tensors
+            grad_x, grad_step, grad_shift = _run(
+                "lsq_backward", _lsq_backward, grad, x, step, shift, *ctx.codes
+            )
+            return grad_x, grad_step, grad_shift if ctx.has_shift else None, None, None
+        clamped, outside, step = ctx.saved_tensors
+        grad_x = grad.masked_fill(outside, 0.0)
+        # round(c) on every element minus c on the inside ones (where c = t)
+        grad_step = _sum_to(torch.round(clamped).mul_(grad) - grad_x * clamped, step)
+        grad_shift = _sum_to(grad - grad_x, step) if ctx.has_shift else None
+        return grad_x, grad_step, grad_shift, None, None
+
+
+def lsq_fake_quantize(
+    x: Tensor, step: Tensor, shift: Tensor | None, qmin: int, qmax: int
+) -> Tensor:
+    """``round(clamp((x - shift) / step, qmin, qmax)) * step + shift`` with LSQ's gradients
+    (:class:`LSQFakeQuantize`)."""
+    return LSQFakeQuantize.apply(x, step, shift, qmin, qmax)

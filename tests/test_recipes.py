@@ -1,0 +1,94 @@
+"""Every recipe family in configs/ parses, every cell's configuration validates, and each family
+builds its model (with the data set's class count) and a prepared student for every distinct
+quantizer x bit-width it lists. Nothing trains."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from sqakd import models
+from sqakd.bench import cell_config, load_family, teacher_config
+from sqakd.quant import prepare, quantized_layers
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+FAMILIES = sorted(CONFIGS.glob("*.yaml"))
+#: the classes of each data set the recipes name (CIFAR-10 (JPEG copy) is CIFAR-10)
+CLASSES = {"CIFAR-10": 10, "CIFAR-100": 100, "Tiny-ImageNet-200": 200}
+#: what the paper's scripts list per family: (quantizers, bit-widths)
+PAPER_CELLS = {
+    "cifar10_resnet20": ({"ewgs", "pact", "lsq", "dorefa"}, {1, 2, 4}),
+    "cifar10_vgg8": ({"ewgs"}, {2}),
+    "cifar100_resnet32": ({"ewgs"}, {1, 2, 4}),
+    "cifar100_vgg13": ({"ewgs"}, {1, 2, 4}),
+    "tinyimagenet_resnet18": ({"pact", "lsq", "dorefa"}, {3, 4, 8}),
+    "tinyimagenet_vgg11": ({"pact", "lsq", "dorefa"}, {3, 4, 8}),
+    "tinyimagenet_mobilenetv2": ({"pact", "lsq", "dorefa"}, {3, 4, 8}),
+    "tinyimagenet_shufflenetv2": ({"pact", "lsq", "dorefa"}, {4, 8}),
+    "tinyimagenet_squeezenet": ({"lsq", "dorefa"}, {4, 8}),
+}
+
+
+def test_every_paper_family_has_a_recipe() -> None:
+    assert {path.stem for path in FAMILIES} == set(PAPER_CELLS)
+
+
+@pytest.fixture(params=FAMILIES, ids=lambda path: path.stem)
+def family(request: pytest.FixtureRequest):
+    return load_family(request.param)
+
+
+def test_the_family_lists_each_cell_with_and_without_sqakd(family) -> None:
+    quantizers, bits = PAPER_CELLS[family.name]
+    assert {cell.quantizer for cell in family.cells} == quantizers
+    assert {cell.weight_bits for cell in family.cells} == bits
+    pairs: dict[tuple[str, int, int], set[str]] = {}
+    for cell in family.cells:
+        pairs.setdefault((cell.quantizer, cell.weight_bits, cell.act_bits), set()).add(cell.method)
+    assert all(methods == {"qat", "sqakd"} for methods in pairs.values()), pairs
+
+
+def test_every_cell_is_a_valid_configuration_at_the_papers_budget(family, tmp_path: Path) -> None:
+    teacher = teacher_config(family, tmp_path)
+    assert teacher.train.epochs >= 100 and teacher.train.weights.name == "sgd"
+    for cell in family.cells:
+        config = cell_config(family, cell, tmp_path, tmp_path / "teacher.safetensors")
+        assert config.model.num_classes == CLASSES[family.dataset.name.split(" ")[0]]
+        assert config.train.epochs == teacher.train.epochs or family.name.startswith("tiny")
+        assert config.method.gamma == 0.0  # SQAKD never reads a label
+        assert config.method.temperature == 4.0
+        assert config.data.root.name in {"cifar10", "cifar100", "tiny-imagenet-200"}
+
+
+def test_the_model_and_its_prepared_students_build(family, tmp_path: Path) -> None:
+    base = cell_config(family, family.cells[0], tmp_path, tmp_path / "t")
+    size = family.dataset.image_size
+    model = models.build_model(base.model.name, num_classes=base.model.num_classes, in_channels=3)
+    model.eval()
+    with torch.no_grad():
+        logits = model(torch.randn(2, 3, size, size))
+    assert logits.shape == (2, base.model.num_classes)
+
+    seen = set()
+    for cell in family.cells:
+        key = (cell.quantizer, cell.weight_bits, cell.act_bits)
+        if key in seen:
+            continue
+        seen.add(key)
+        policy = cell_config(family, cell, tmp_path, tmp_path / "t").quant
+        student = prepare(model, policy)
+        layers = [layer for _, layer in quantized_layers(student)]
+        inner = [
+            layer for layer in layers if layer.weight_quantizer is not None
+            and layer.weight_quantizer.bits == cell.weight_bits
+        ]  # fmt: skip
+        assert inner, f"{cell.name}: no layer quantized at {cell.weight_bits} bits"
+        edge_bits = {8} if policy.first_last == "8bit" else set()
+        assert all(
+            layer.weight_quantizer is None
+            or layer.weight_quantizer.bits in {cell.weight_bits} | edge_bits
+            for layer in layers
+        )
+        assert len(inner) >= len(layers) - 2  # only the first and last layer may differ
