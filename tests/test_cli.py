@@ -86,7 +86,7 @@ def test_label_free_quantize_and_eval(tiny_tree: Path, teacher_run: Path, tmp_pa
     assert "QuantConv2d" in (output / "train.log").read_text()
     evaluated = invoke("eval", "--run", str(output))
     assert evaluated.exit_code == 0, evaluated.output
-    assert json.loads(evaluated.output)["top1"] == pytest.approx(summary["last"]["top1"])
+    assert json.loads(evaluated.stdout[evaluated.stdout.index("{") :])["top1"] == pytest.approx(summary["last"]["top1"])
 
 
 def test_unlabeled_folder_trains_without_labels(tiny_tree: Path, teacher_run: Path, tmp_path: Path):
@@ -106,8 +106,8 @@ def test_unlabeled_folder_trains_without_labels(tiny_tree: Path, teacher_run: Pa
 
 def error_of(result) -> str:
     assert result.exit_code == 2, result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]  # progress logs go to stdout
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     assert "Traceback" not in result.output
     return lines[0]
 

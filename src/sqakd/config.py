@@ -7,6 +7,7 @@ range is reported with the key's dotted name and the fix, never as a traceback d
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -242,6 +243,7 @@ def config_reference() -> str:
         for key, sub in section.model_fields.items():
             kind = str(sub.annotation).replace("typing.", "").replace("pathlib.", "")
             kind = kind.replace("<class '", "").replace("'>", "").replace("|", "\\|")
+            kind = re.sub(r"(__main__|sqakd\.[\w.]+)\.", "", kind)
             lines.append(f"| `{section_name}.{key}` | {kind} | `{defaults[key]}` |")
         lines.append("")
     return "\n".join(lines)
