@@ -63,7 +63,14 @@ def teacher_run(tiny_tree: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
 
 
 def test_train_writes_a_complete_run_folder(teacher_run: Path):
-    for name in ("config.yaml", "train.log", "metrics.csv", "curves.png", "summary.json", "model.safetensors"):
+    for name in (
+        "config.yaml",
+        "train.log",
+        "metrics.csv",
+        "curves.png",
+        "summary.json",
+        "model.safetensors",
+    ):
         assert (teacher_run / name).is_file(), name
     assert (teacher_run / "checkpoints" / "last.pt").is_file()
     summary = json.loads((teacher_run / "summary.json").read_text())
@@ -86,7 +93,9 @@ def test_label_free_quantize_and_eval(tiny_tree: Path, teacher_run: Path, tmp_pa
     assert "QuantConv2d" in (output / "train.log").read_text()
     evaluated = invoke("eval", "--run", str(output))
     assert evaluated.exit_code == 0, evaluated.output
-    assert json.loads(evaluated.stdout[evaluated.stdout.index("{") :])["top1"] == pytest.approx(summary["last"]["top1"])
+    assert json.loads(evaluated.stdout[evaluated.stdout.index("{") :])["top1"] == pytest.approx(
+        summary["last"]["top1"]
+    )
 
 
 def test_unlabeled_folder_trains_without_labels(tiny_tree: Path, teacher_run: Path, tmp_path: Path):
@@ -106,7 +115,9 @@ def test_unlabeled_folder_trains_without_labels(tiny_tree: Path, teacher_run: Pa
 
 def error_of(result) -> str:
     assert result.exit_code == 2, result.output
-    lines = [line for line in result.stderr.splitlines() if line.strip()]  # progress logs go to stdout
+    lines = [
+        line for line in result.stderr.splitlines() if line.strip()
+    ]  # progress logs go to stdout
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     assert "Traceback" not in result.output
     return lines[0]
@@ -129,18 +140,28 @@ def test_existing_run_is_not_overwritten(tiny_tree: Path, teacher_run: Path, tmp
         (["-s", "quant.method=magic"], "ewgs"),
     ],
 )
-def test_bad_settings_are_one_line(tiny_tree: Path, teacher_run: Path, tmp_path: Path, overrides, expected):
-    args = [*common(tiny_tree, tmp_path), "-s", f"teacher.checkpoint={teacher_run / 'model.safetensors'}"]
+def test_bad_settings_are_one_line(
+    tiny_tree: Path, teacher_run: Path, tmp_path: Path, overrides, expected
+):
+    args = [
+        *common(tiny_tree, tmp_path),
+        "-s",
+        f"teacher.checkpoint={teacher_run / 'model.safetensors'}",
+    ]
     line = error_of(invoke("quantize", *args, *overrides, "-o", str(tmp_path / "x")))
     assert expected in line
 
 
 def test_missing_and_empty_data_folders(tmp_path: Path):
-    line = error_of(invoke("train", *common(tmp_path / "nowhere", tmp_path), "-o", str(tmp_path / "a")))
+    line = error_of(
+        invoke("train", *common(tmp_path / "nowhere", tmp_path), "-o", str(tmp_path / "a"))
+    )
     assert "nowhere" in line
     (tmp_path / "empty" / "train" / "cat").mkdir(parents=True)
     (tmp_path / "empty" / "test" / "cat").mkdir(parents=True)
-    line = error_of(invoke("train", *common(tmp_path / "empty", tmp_path), "-o", str(tmp_path / "b")))
+    line = error_of(
+        invoke("train", *common(tmp_path / "empty", tmp_path), "-o", str(tmp_path / "b"))
+    )
     assert "image" in line.lower()
 
 
@@ -152,10 +173,14 @@ def test_unreadable_and_mixed_size_images(tiny_tree: Path, tmp_path: Path):
         (broken / split / "a").mkdir(parents=True)
         Image.new("RGB", (32, 32)).save(broken / split / "a" / "ok.png")
     (broken / "train" / "a" / "bad.jpg").write_bytes(b"not a jpeg")
-    assert "bad.jpg" in error_of(invoke("train", *common(broken, tmp_path), "-o", str(tmp_path / "c")))
+    assert "bad.jpg" in error_of(
+        invoke("train", *common(broken, tmp_path), "-o", str(tmp_path / "c"))
+    )
     (broken / "train" / "a" / "bad.jpg").unlink()
     Image.new("RGB", (40, 24)).save(broken / "train" / "a" / "big.png")
-    assert "resize" in error_of(invoke("train", *common(broken, tmp_path), "-o", str(tmp_path / "d")))
+    assert "resize" in error_of(
+        invoke("train", *common(broken, tmp_path), "-o", str(tmp_path / "d"))
+    )
 
 
 def test_teacher_class_count_mismatch(tiny_tree: Path, tmp_path: Path):
@@ -173,3 +198,62 @@ def test_methods_lists_registries():
     assert result.exit_code == 0
     for name in ("ewgs", "lsq", "sqakd", "resnet20", "folder"):
         assert name in result.output
+
+
+# ------------------------------------------------------------------------ export and verify
+@pytest.fixture(scope="module")
+def quantized_run(
+    tiny_tree: Path, teacher_run: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    tmp = tmp_path_factory.mktemp("quantized")
+    result = invoke(
+        "quantize", *common(tiny_tree, tmp), "-s", f"teacher.checkpoint={teacher_run / 'model.safetensors'}",
+        "-s", "quant.method=lsq", "-o", str(tmp / "run"),
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    return tmp / "run"
+
+
+def test_export_then_verify_a_run(quantized_run: Path):
+    exported = invoke("export", "--run", str(quantized_run))
+    assert exported.exit_code == 0, exported.output
+    assert (quantized_run / "model.onnx").is_file() and (
+        quantized_run / "model.packed.safetensors"
+    ).is_file()
+    assert "QuantizeLinear" in exported.stdout or "int8" in exported.stdout
+    assert "packed weights" in exported.stdout and "smaller" in exported.stdout
+    verified = invoke("verify", "--run", str(quantized_run), "--per-layer")
+    assert verified.exit_code == 0, verified.output
+    assert "\nPASSED: predictions agree" in verified.stdout and "of 60 images" in verified.stdout
+    assert "layer1.0.conv1" in verified.stdout  # the per-layer table
+
+
+def test_verify_fails_with_exit_1_when_predictions_disagree(quantized_run: Path, tmp_path: Path):
+    from safetensors.torch import load_file, save_file
+
+    assert invoke("export", "--run", str(quantized_run)).exit_code == 0
+    state = load_file(str(quantized_run / "model.safetensors"))
+    state["fc.weight"] = -state["fc.weight"]  # the float classifier reversed: other predictions
+    save_file(state, str(tmp_path / "other.safetensors"))
+    result = invoke(
+        "verify", "--run", str(quantized_run), "--weights", str(tmp_path / "other.safetensors")
+    )
+    assert result.exit_code == 1 and "\nFAILED: predictions agree" in result.stdout
+
+
+def test_export_and_verify_bad_input_is_one_line(
+    teacher_run: Path, quantized_run: Path, tmp_path: Path
+):
+    assert "float model" in error_of(
+        invoke("export", "--run", str(teacher_run), "-o", str(tmp_path / "t.onnx"))
+    )
+    line = error_of(
+        invoke("export", "--run", str(quantized_run), "-o", str(tmp_path / "missing" / "m.onnx"))
+    )
+    assert "does not exist" in line
+    assert "not found" in error_of(invoke("export", "--run", str(tmp_path / "nowhere")))
+    line = error_of(
+        invoke("verify", "--run", str(quantized_run), "--onnx", str(tmp_path / "none.onnx"))
+    )
+    assert "sqakd export" in line
+    assert "--output" in error_of(invoke("export"))

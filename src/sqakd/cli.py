@@ -120,26 +120,101 @@ def quantize(
     _print_result(run_quantize(_config(config, set, output, overwrite), resume=resume))
 
 
+WeightsOption = Annotated[
+    Path | None, typer.Option(help="model.safetensors of a run, or a checkpoint")
+]
+RunOption = Annotated[
+    Path | None, typer.Option(help="a run folder: uses its config.yaml and model.safetensors")
+]
+
+
+def _run_inputs(
+    run: Path | None, config: Path | None, overrides: list[str] | None, weights: Path | None
+):
+    """Config and weights from ``--run`` (its config.yaml, model.safetensors) unless given."""
+    if run is not None:
+        if not run.is_dir():
+            raise ValueError(f"run folder {run} not found; give the folder `sqakd quantize` wrote")
+        config = config or run / "config.yaml"
+        weights = weights or run / "model.safetensors"
+    return _config(config, overrides), weights
+
+
 @app.command("eval")
 @one_line_errors
 def evaluate(
     config: ConfigOption = None,
     set: SetOption = None,
-    weights: Annotated[
-        Path | None, typer.Option(help="model.safetensors of a run, or a checkpoint")
-    ] = None,
-    run: Annotated[
-        Path | None, typer.Option(help="a run folder: uses its config.yaml and model.safetensors")
-    ] = None,
+    weights: WeightsOption = None,
+    run: RunOption = None,
 ) -> None:
     """Top-1/top-5 of a float or quantized model on the test split."""
     from .pipeline import evaluate_model
 
-    if run is not None:
-        config = config or run / "config.yaml"
-        weights = weights or run / "model.safetensors"
-    metrics = evaluate_model(_config(config, set), weights)
+    metrics = evaluate_model(*_run_inputs(run, config, set, weights))
     typer.echo(json.dumps(metrics, indent=2))
+
+
+@app.command()
+@one_line_errors
+def export(
+    run: RunOption = None,
+    config: ConfigOption = None,
+    set: SetOption = None,
+    weights: WeightsOption = None,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="the .onnx file (default RUN/model.onnx)")
+    ] = None,
+    packed: Annotated[
+        bool, typer.Option(help="also write the packed low-bit weights (.packed.safetensors)")
+    ] = True,
+    opset: int = 17,
+    fold_batchnorm: Annotated[
+        bool, typer.Option(help="fold batch norm into float convolutions")
+    ] = True,
+) -> None:
+    """Export a quantized run to ONNX (QuantizeLinear/DequantizeLinear) and packed weights."""
+    from .deploy import ONNX_NAME, export_run
+
+    if output is None:
+        if run is None:
+            raise ValueError("give --output FILE.onnx, or --run RUN_FOLDER to write into it")
+        output = run / ONNX_NAME
+    result = export_run(
+        *_run_inputs(run, config, set, weights), output, packed, opset, fold_batchnorm
+    )
+    typer.echo(str(result))
+
+
+@app.command()
+@one_line_errors
+def verify(
+    run: RunOption = None,
+    config: ConfigOption = None,
+    set: SetOption = None,
+    weights: WeightsOption = None,
+    onnx: Annotated[
+        Path | None, typer.Option(help="the exported file (default RUN/model.onnx)")
+    ] = None,
+    threshold: Annotated[
+        float, typer.Option(help="agreement of predictions needed to pass (0..1]")
+    ] = 0.99,
+    per_layer: Annotated[
+        bool, typer.Option(help="also compare each quantized layer alone")
+    ] = False,
+    limit: Annotated[int | None, typer.Option(help="use only the first N test images")] = None,
+) -> None:
+    """ONNX Runtime against PyTorch on the test images; exits 1 when agreement is too low."""
+    from .deploy import ONNX_NAME, verify_run
+
+    if onnx is None:
+        if run is None:
+            raise ValueError("give --onnx FILE.onnx, or --run RUN_FOLDER holding model.onnx")
+        onnx = run / ONNX_NAME
+    report = verify_run(*_run_inputs(run, config, set, weights), onnx, threshold, per_layer, limit)
+    typer.echo(str(report))
+    if not report.passed:
+        raise typer.Exit(1)
 
 
 @app.command()

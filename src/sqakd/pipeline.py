@@ -475,24 +475,34 @@ def plot_history(history: list[dict[str, Any]], path: Path, title: str = "") -> 
     plt.close(figure)
 
 
-def evaluate_model(config: Config, weights: Path | None = None) -> dict[str, float]:
-    """Accuracy of a float or quantized model (``sqakd eval``): the config's architecture and
-    policy, with weights from ``weights`` (a run's model.safetensors or a teacher checkpoint)."""
+def load_trained_model(
+    config: Config, weights: Path | None = None
+) -> tuple[nn.Module, DataBundle, torch.device]:
+    """The network a run trained (float, or prepared with ``config.quant`` when the weights hold
+    quantizer state) with its weights loaded without executing code, its data (test split, for
+    the image size and normalisation) and the device. Used by ``sqakd eval``, ``export`` and
+    ``verify``."""
     device = _setup(config)
     bundle = load_data(config.data, config.run.seed, need_train=config.data.mean is None)
-    if bundle.test is None:
-        raise ValueError("evaluation needs a labeled test split; set data.test_split")
     network = build_network(config, bundle)
     path = weights or config.teacher.checkpoint
     if path is None:
         raise ValueError(
-            "give the weights to evaluate: --weights path (model.safetensors or a checkpoint)"
+            "give the weights to load: --weights path (model.safetensors or a checkpoint) or "
+            "--run RUN_FOLDER"
         )
     state = models.read_state_dict(path)
     if any(key.endswith("_quantizer.initialized") for key in state):
         network = prepare(network, config.quant)
     models.load_weights(network, state)
-    test_loader = datasets.BatchLoader(
+    return network.to(device).eval(), bundle, device
+
+
+def evaluation_loader(bundle: DataBundle, config: Config, device: torch.device) -> Any:
+    """The labeled test split, normalised like training, in evaluation batches."""
+    if bundle.test is None:
+        raise ValueError("this needs a labeled test split; set data.test_split")
+    return datasets.BatchLoader(
         bundle.test,
         config.data.eval_batch_size,
         shuffle=False,
@@ -500,4 +510,10 @@ def evaluate_model(config: Config, weights: Path | None = None) -> dict[str, flo
         std=bundle.std,
         device=device,
     )
-    return evaluate(network.to(device), test_loader, device)
+
+
+def evaluate_model(config: Config, weights: Path | None = None) -> dict[str, float]:
+    """Accuracy of a float or quantized model (``sqakd eval``): the config's architecture and
+    policy, with weights from ``weights`` (a run's model.safetensors or a teacher checkpoint)."""
+    network, bundle, device = load_trained_model(config, weights)
+    return evaluate(network, evaluation_loader(bundle, config, device), device)

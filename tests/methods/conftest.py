@@ -29,4 +29,6 @@ def cifar_images() -> torch.Tensor:
                 if len(arrays) == 256:
                     break
     images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255
-    return (images - images.mean(dim=(0, 2, 3), keepdim=True)) / images.std(dim=(0, 2, 3), keepdim=True)
+    return (images - images.mean(dim=(0, 2, 3), keepdim=True)) / images.std(
+        dim=(0, 2, 3), keepdim=True
+    )

@@ -14,10 +14,18 @@ from sqakd.quant import QuantPolicy, calibrate, model_parameters, prepare, quant
 def small_net(classes: int = 10) -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-        nn.Conv2d(8, 16, 3, padding=1, stride=2), nn.BatchNorm2d(16), nn.ReLU(),
-        nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, classes),
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 16, 3, padding=1, stride=2),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, classes),
     )
 
 
@@ -40,8 +48,16 @@ class NoLabels:
 
 def trainer_for(student, teacher, method, loader, tmp_path, **train):
     config = TrainConfig(**{"epochs": 1, **train})
-    return Trainer(student, teacher, method, loader, config, torch.device("cpu"),
-                   RunLog(tmp_path, enabled=False), progress=False)
+    return Trainer(
+        student,
+        teacher,
+        method,
+        loader,
+        config,
+        torch.device("cpu"),
+        RunLog(tmp_path, enabled=False),
+        progress=False,
+    )
 
 
 def test_default_sqakd_reads_no_labels_and_needs_teacher():
@@ -77,7 +93,13 @@ def test_gamma_needs_labels_and_all_zero_is_refused():
 def test_optimizers_hold_the_right_parameters(tmp_path):
     teacher = small_net().eval()
     student = student_of(teacher)
-    trainer = trainer_for(student, teacher, build_method(MethodConfig()), NoLabels([torch.randn(2, 3, 8, 8)]), tmp_path)
+    trainer = trainer_for(
+        student,
+        teacher,
+        build_method(MethodConfig()),
+        NoLabels([torch.randn(2, 3, 8, 8)]),
+        tmp_path,
+    )
     weights = {id(p) for g in trainer.optimizers["weights"].param_groups for p in g["params"]}
     quant = {id(p) for g in trainer.optimizers["quantizers"].param_groups for p in g["params"]}
     assert weights == {id(p) for p in model_parameters(student)}
@@ -105,7 +127,9 @@ def test_training_lowers_kl_and_leaves_teacher_untouched(tmp_path, cifar_images)
 
     def kl() -> float:  # the training objective, measured the way it is trained (batch statistics)
         with torch.no_grad():
-            return sum(kd_kl_divergence(student(b), teacher(b)).item() for b in batches) / len(batches)
+            return sum(kd_kl_divergence(student(b), teacher(b)).item() for b in batches) / len(
+                batches
+            )
 
     start = kl()
     trainer.fit()
@@ -120,11 +144,15 @@ def test_trainer_checkpoint_round_trip_restores_outputs(tmp_path):
     images = torch.randn(8, 3, 8, 8)
     student = student_of(teacher, bits=4)
     calibrate(student, [images])
-    trainer = trainer_for(student, teacher, build_method(MethodConfig()), NoLabels([images]), tmp_path, epochs=2)
+    trainer = trainer_for(
+        student, teacher, build_method(MethodConfig()), NoLabels([images]), tmp_path, epochs=2
+    )
     trainer.fit()
     state = copy.deepcopy(trainer.state_dict())
     twin = student_of(small_net(), bits=4)
-    twin_trainer = trainer_for(twin, teacher, build_method(MethodConfig()), NoLabels([images]), tmp_path, epochs=2)
+    twin_trainer = trainer_for(
+        twin, teacher, build_method(MethodConfig()), NoLabels([images]), tmp_path, epochs=2
+    )
     twin_trainer.load_state_dict(state)
     student.eval(), twin.eval()
     torch.testing.assert_close(twin(images), student(images), rtol=0, atol=0)
@@ -139,7 +167,15 @@ def test_nan_loss_stops_with_a_clear_message(tmp_path):
 
     student = prepare(small_net(), QuantPolicy())
     loader = [(torch.randn(2, 3, 8, 8), torch.tensor([0, 1]))]
-    trainer = Trainer(student, None, Broken(MethodConfig(name="qat")), loader, TrainConfig(), torch.device("cpu"),
-                      RunLog(tmp_path, enabled=False), progress=False)
+    trainer = Trainer(
+        student,
+        None,
+        Broken(MethodConfig(name="qat")),
+        loader,
+        TrainConfig(),
+        torch.device("cpu"),
+        RunLog(tmp_path, enabled=False),
+        progress=False,
+    )
     with pytest.raises(TrainingDiverged, match="loss became nan.*train.grad_clip"):
         trainer.fit()

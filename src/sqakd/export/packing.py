@@ -15,8 +15,12 @@ the loaded model's outputs are bit-identical to the saved model's. The candidate
 in order, using only the grid contract: the centre of each code's input bin
 (``input_scale * (code - input_zero_point)``), the dequantized value ``grid.dequantize(code)``,
 and a per-element bisection between the grid's extreme values for quantizers whose codes depend
-on statistics of the whole weight (DoReFa's ``max|tanh(w)|``). The float weights that training
-would continue from are not stored: a packed model is for inference.
+on statistics of the whole weight (DoReFa's ``max|tanh(w)|``). Quantizers that recompute a
+statistic of the whole weight in their forward (binary/ternary ``mean|w|``, minmax's range) can
+reproduce the codes but not the last float bit from any rebuilt weight; for those the exact saved
+values (the grid's dequantized codes) are pinned on the layer until its weight next changes
+(:meth:`~sqakd.quant.layers.QuantizedLayer.pin_quantized_weight`). The float weights that
+training would continue from are not stored: a packed model is for inference.
 """
 
 from __future__ import annotations
@@ -99,7 +103,10 @@ class SizeReport:
 
 
 def _digest(values: Tensor) -> str:
-    return hashlib.sha256(values.detach().float().contiguous().numpy().tobytes()).hexdigest()
+    """SHA-256 of the values' float32 bytes; ``+ 0.0`` makes -0.0 and 0.0 one value (the same
+    number, which a code of 0 rebuilds as +0.0)."""
+    canonical = values.detach().float() + 0.0
+    return hashlib.sha256(canonical.contiguous().numpy().tobytes()).hexdigest()
 
 
 def _packable(layer: QuantizedLayer) -> bool:
@@ -223,7 +230,9 @@ def load_packed(model: nn.Module, path: str | Path) -> nn.Module:
         codes = unpack_bits(tensors[key + CODES], record["width"], count) + record["qmin"]
         codes = codes.reshape(record["shape"]).to(layer.weight.dtype)
         with torch.no_grad():
-            layer.weight.copy_(_rebuild_weight(key, layer.weight_quantizer, codes, record))
+            weight = _rebuild_weight(layer, key, codes, record)
+            if layer._pinned_weight is None:
+                layer.weight.copy_(weight)
     return model
 
 
@@ -258,8 +267,15 @@ def _check_keys(model: nn.Module, state: dict[str, Tensor], records: dict) -> No
 
 
 @torch.no_grad()
-def _rebuild_weight(key: str, quantizer: Quantizer, codes: Tensor, record: dict) -> Tensor:
-    """A float weight whose fake-quantized value has the saved SHA-256 (see the module doc)."""
+def _rebuild_weight(layer: QuantizedLayer, key: str, codes: Tensor, record: dict) -> Tensor:
+    """A float weight whose fake-quantized value has the saved SHA-256 (see the module doc).
+
+    When the quantizer's forward is not a function of the codes alone (it recomputes a statistic
+    of the whole weight, like ``mean|w|``), the rebuilt weight reproduces the codes but not the
+    last float bits; the exact saved values, the grid's dequantized codes, are then pinned on
+    the layer (:meth:`QuantizedLayer.pin_quantized_weight`) until the weight changes."""
+    quantizer = layer.weight_quantizer
+    assert quantizer is not None
     grid = quantizer.grid()
     fallback = None
     for candidate in _candidates(quantizer, grid, codes):
@@ -274,6 +290,11 @@ def _rebuild_weight(key: str, quantizer: Quantizer, codes: Tensor, record: dict)
             f"{quantizer.method!r} quantizer; the file may be damaged"
         )
     quantizer(fallback)  # leave any state the forward keeps consistent with the chosen weight
+    exact = grid.dequantize(codes)
+    if _digest(exact) == record["sha256"]:
+        layer.weight.copy_(fallback)
+        layer.pin_quantized_weight(exact)
+        return fallback
     warnings.warn(
         f"{key}: the codes are restored but the quantized values differ from the saved ones in "
         f"the last bits (the {quantizer.method!r} forward is not a function of the codes alone)",

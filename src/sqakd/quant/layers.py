@@ -30,6 +30,19 @@ class QuantizedLayer(nn.Module):
         self.act_quantizer = act_quantizer
         self.quantization_enabled = True
         self.register_buffer("calibrated", torch.tensor(False))
+        self._pinned_weight: tuple[Tensor, int] | None = None
+
+    def pin_quantized_weight(self, values: Tensor) -> None:
+        """Use ``values`` as the quantized weight until ``self.weight`` changes.
+
+        Loading packed weights needs this for quantizers whose forward recomputes a statistic of
+        the whole weight (``mean|w|``, ``min``/``max``): run again on the rebuilt weight, that
+        statistic can differ from the saved one in the last float bit. The pin holds the exact
+        saved values; any in-place change of the weight (an optimizer step, ``load_state_dict``,
+        ``copy_``) bumps the weight's version counter and drops the pin, so training always
+        sees the live quantizer.
+        """
+        self._pinned_weight = (values.detach().clone(), self.weight._version)
 
     def _float_forward(self, x: Tensor, weight: Tensor) -> Tensor:
         raise NotImplementedError
@@ -44,6 +57,11 @@ class QuantizedLayer(nn.Module):
         """The weight as the quantized layer uses it (the float weight when not quantized)."""
         if self.weight_quantizer is None or not self.quantization_enabled:
             return self.weight
+        if self._pinned_weight is not None:
+            values, version = self._pinned_weight
+            if version == self.weight._version and values.shape == self.weight.shape:
+                return values.to(self.weight.device)
+            self._pinned_weight = None
         return self.weight_quantizer(self.weight)
 
     def quantized_input(self, x: Tensor) -> Tensor:
