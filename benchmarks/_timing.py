@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import platform
+import statistics
 import time
 from collections.abc import Callable
 
@@ -35,3 +36,24 @@ def images_per_second(
         times.append(time.perf_counter() - start)
     times.sort()
     return batch_size / times[len(times) // 2]
+
+
+def interleaved_medians(
+    steps: dict[str, Callable[[], None]],
+    rounds: int,
+    per_round: int = 3,
+    clock: Callable[[], float] = time.perf_counter,
+) -> dict[str, float]:
+    """Seconds per call of each step: median over ``rounds`` of the median of ``per_round``."""
+    for step in steps.values():  # warm-up
+        step(), step()
+    samples: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            times = []
+            for _ in range(per_round):
+                start = clock()
+                step()
+                times.append(clock() - start)
+            samples[name].append(statistics.median(times))
+    return {name: statistics.median(values) for name, values in samples.items()}

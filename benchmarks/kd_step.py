@@ -14,15 +14,15 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from _timing import machine
+from _timing import interleaved_medians, machine
 
 from sqakd.config import MethodConfig
+from sqakd.engine.inference import frozen_for_inference
 from sqakd.methods import build_method
 from sqakd.models import build_model
 from sqakd.quant import (
@@ -75,27 +75,6 @@ def teacher_forward(teacher, images) -> Callable[[], None]:
     return step
 
 
-def interleaved_medians(
-    steps: dict[str, Callable[[], None]],
-    rounds: int,
-    per_round: int = 3,
-    clock: Callable[[], float] = time.perf_counter,
-) -> dict[str, float]:
-    """Seconds per call of each step: median over ``rounds`` of the median of ``per_round``."""
-    for step in steps.values():  # warm-up
-        step(), step()
-    samples: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(rounds):
-        for name, step in steps.items():
-            times = []
-            for _ in range(per_round):
-                start = clock()
-                step()
-                times.append(clock() - start)
-            samples[name].append(statistics.median(times))
-    return {name: statistics.median(values) for name, values in samples.items()}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--batch-sizes", type=int, nargs="*", default=[128, 256])
@@ -107,6 +86,11 @@ def main() -> None:
     )
     parser.add_argument(
         "--compile", action="store_true", help="quantizer kernels through torch.compile"
+    )
+    parser.add_argument(
+        "--unfused-teacher",
+        action="store_true",
+        help="teacher with its batch norm layers (before the pipeline folded them)",
     )
     parser.add_argument(
         "--clock",
@@ -124,7 +108,8 @@ def main() -> None:
     print(
         f"ResNet-20, SQAKD W4A4 ({args.method}) vs float training step"
         f"{', channels-last' if args.channels_last else ''}"
-        f"{', compiled quantizer kernels' if args.compile else ''}; machine: {machine()}; "
+        f"{', compiled quantizer kernels' if args.compile else ''}"
+        f"{', unfused teacher' if args.unfused_teacher else ''}; machine: {machine()}; "
         f"{args.clock} time, median of {args.rounds} interleaved rounds\n"
     )
     print(
@@ -143,6 +128,8 @@ def main() -> None:
         calibrate(student, [images])
         for parameter in teacher.parameters():
             parameter.requires_grad_(False)
+        if not args.unfused_teacher:  # what the pipeline runs: batch norm folded
+            teacher = frozen_for_inference(teacher)
         seconds = interleaved_medians(
             {
                 "float": float_step(plain, images, labels),

@@ -1,6 +1,8 @@
 """Images/s of a ResNet-20 training step (forward + backward + optimizer) at batch 128 on this
-machine: float, and W4A4 with each registered quantizer; the ratio is float time / quantized time
-cost (1.30 = the quantized step takes 1.3x as long). Run: python benchmarks/quantizer_overhead.py"""
+machine: float, and W4A4 with each registered quantizer; the ratio is quantized time / float
+time (1.30 = the quantized step takes 1.3x as long). Each quantizer is timed in interleaved
+rounds against its own float step (median of the rounds), so a busy machine disturbs both alike.
+Run: python benchmarks/quantizer_overhead.py [--rounds 5] [--methods lsq pact]"""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ import argparse
 
 import torch
 import torch.nn.functional as F
-from _timing import images_per_second, machine
+from _timing import interleaved_medians, machine
 
 from sqakd.models import build_model
 from sqakd.quant import QuantPolicy, available_quantizers, calibrate, prepare
@@ -30,20 +32,23 @@ def training_step(model: torch.nn.Module, images: torch.Tensor, labels: torch.Te
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--methods", nargs="*", default=None)
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     images = torch.randn(args.batch_size, 3, 32, 32)
     labels = torch.randint(0, 10, (args.batch_size,))
     model = build_model("resnet20", num_classes=10)
-    float_rate = images_per_second(
-        training_step(model, images, labels), args.batch_size, repeats=args.repeats
+    float_step = training_step(model, images, labels)
+    print(
+        f"ResNet-20, batch {args.batch_size}, training step; machine: {machine()}; median of "
+        f"{args.rounds} rounds, each quantizer interleaved with the float step\n"
     )
-    print(f"ResNet-20, batch {args.batch_size}, training step; machine: {machine()}\n")
-    print("| method | W/A bits | images/s | time vs float |")
-    print("|---|---|---|---|")
-    print(f"| float | 32/32 | {float_rate:.0f} | 1.00x |")
+    print("| method | W/A bits | float images/s | images/s | time vs float |")
+    print("|---|---|---|---|---|")
     for method in args.methods or available_quantizers():
         weight_method, weight_bits, act_bits = ONE_ROLE.get(method, (method, 4, 4))
         act_method = "lsq" if method in ONE_ROLE else method
@@ -56,11 +61,16 @@ def main() -> None:
         )
         student = prepare(model, policy)
         calibrate(student, [images])
-        rate = images_per_second(
-            training_step(student, images, labels), args.batch_size, repeats=args.repeats
+        seconds = interleaved_medians(
+            {"float": float_step, "quantized": training_step(student, images, labels)},
+            args.rounds,
         )
         label = f"{method} (A: lsq)" if method in ONE_ROLE else method
-        print(f"| {label} | {weight_bits}/{act_bits} | {rate:.0f} | {float_rate / rate:.2f}x |")
+        print(
+            f"| {label} | {weight_bits}/{act_bits} | {args.batch_size / seconds['float']:.0f} "
+            f"| {args.batch_size / seconds['quantized']:.0f} "
+            f"| {seconds['quantized'] / seconds['float']:.2f}x |"
+        )
 
 
 if __name__ == "__main__":

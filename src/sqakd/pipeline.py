@@ -38,6 +38,7 @@ from .engine.distributed import (
     run_on_main,
     shutdown_distributed,
 )
+from .engine.inference import frozen_for_inference
 from .methods import Method, build_method
 from .quant import calibrate, describe, prepare, quantized_layers, quantizer_parameters
 from .quant.kernels import use_compiled_kernels
@@ -348,7 +349,7 @@ def _run(
     )
     trainer = Trainer(
         student,
-        teacher,
+        frozen_for_inference(teacher) if teacher is not None else None,
         method,
         train_loader,
         config.train,

@@ -233,8 +233,15 @@ class LSQFakeQuantize(torch.autograd.Function):
         clamped, outside, step = ctx.saved_tensors
         grad_x = grad.masked_fill(outside, 0.0)
         # round(c) on every element minus c on the inside ones (where c = t)
-        grad_step = _sum_to(torch.round(clamped).mul_(grad) - grad_x * clamped, step)
-        grad_shift = _sum_to(grad - grad_x, step) if ctx.has_shift else None
+        if step.dim() == 0:  # two dot products, no full-size temporaries but round(c)
+            grad_step = _dot(torch.round(clamped), grad) - _dot(grad_x, clamped)
+        else:
+            grad_step = _sum_to(torch.round(clamped).mul_(grad) - grad_x * clamped, step)
+        grad_shift = None
+        if ctx.has_shift:
+            grad_shift = (
+                grad.sum() - grad_x.sum() if step.dim() == 0 else _sum_to(grad - grad_x, step)
+            )
         return grad_x, grad_step, grad_shift, None, None
 
 
@@ -244,3 +251,56 @@ def lsq_fake_quantize(
     """``round(clamp((x - shift) / step, qmin, qmax)) * step + shift`` with LSQ's gradients
     (:class:`LSQFakeQuantize`)."""
     return LSQFakeQuantize.apply(x, step, shift, qmin, qmax)
+
+
+# ------------------------------------------------------------------------------------- PACT
+class PACTFakeQuantize(torch.autograd.Function):
+    """PACT's activation ``q = round(clamp(x, 0, alpha) * n / alpha) * alpha / n`` (Choi et al.,
+    Eq. 1-2) with its straight-through backward: ``dx = g`` for ``0 <= x < alpha`` (0 elsewhere)
+    and ``dalpha = sum(g over x >= alpha)`` (the rounding is passed straight through, so the
+    inside elements add nothing to alpha's gradient). Four passes forward (clamp, scale, round,
+    rescale; ``n / alpha`` and ``alpha / n`` computed once, so a value may differ from the
+    op-by-op ``* n / alpha`` in the last bit), the input saved for the backward (its producer,
+    a ReLU, keeps it alive anyway)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, alpha: Tensor, num_steps: int) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x, alpha)
+        clipped = torch.clamp(x, min=torch.zeros_like(alpha), max=alpha)
+        return clipped.mul_(num_steps / alpha).round_().mul_(alpha / num_steps)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, None]:  # type: ignore[override]
+        x, alpha = ctx.saved_tensors
+        above = x >= alpha
+        grad_alpha = torch.where(above, grad, 0.0).sum()
+        inside = torch.ge(x, 0.0).bitwise_xor_(above)  # alpha > 0: 0 <= x < alpha
+        return grad * inside, grad_alpha, None
+
+
+def pact_fake_quantize(x: Tensor, alpha: Tensor, num_steps: int) -> Tensor:
+    """PACT's clipped, rounded activation with its gradients (:class:`PACTFakeQuantize`)."""
+    return PACTFakeQuantize.apply(x, alpha, num_steps)
+
+
+# ---------------------------------------------------------------------------------- DoReFa
+class ClampRoundSTE(torch.autograd.Function):
+    """``round(clamp(x, 0, 1) * n) / n`` (DoReFa's activation) with the straight-through
+    backward of the rounding: ``dx = g`` for ``0 <= x <= 1`` (``torch.clamp``'s own rule),
+    0 elsewhere. One boolean mask saved."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, num_steps: int) -> Tensor:  # type: ignore[override]
+        clamped = x.clamp(0.0, 1.0)
+        ctx.save_for_backward(clamped != x)
+        return clamped.mul_(num_steps).round_().div_(num_steps)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        (outside,) = ctx.saved_tensors
+        return grad.masked_fill(outside, 0.0), None
+
+
+def clamp_round_ste(x: Tensor, num_steps: int) -> Tensor:
+    """``round(clamp(x, 0, 1) * num_steps) / num_steps`` with a straight-through rounding."""
+    return ClampRoundSTE.apply(x, num_steps)

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from ..base import QuantGrid, Quantizer, Role, broadcast_channels, per_channel_reduce, round_ste
+from ..kernels import clamp_round_ste
 from ..registry import register_quantizer
 
 
@@ -85,7 +86,7 @@ class DoReFaQuantizer(Quantizer):
     def quantize(self, x: Tensor) -> Tensor:
         if self.role == "weight":
             return self.quantize_weight(x)
-        return round_ste(torch.clamp(x, 0.0, 1.0) * self.num_steps) / self.num_steps
+        return clamp_round_ste(x, self.num_steps)  # round(clamp(x, 0, 1) n) / n, STE
 
     def quantize_weight(self, w: Tensor) -> Tensor:
         if self.bits == 1:

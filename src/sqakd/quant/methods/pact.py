@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from ..base import QuantGrid, Role
+from ..kernels import pact_fake_quantize
 from ..registry import register_quantizer
 from .dorefa import DoReFaQuantizer
 
@@ -60,10 +61,8 @@ class PACTQuantizer(DoReFaQuantizer):
     def quantize(self, x: Tensor) -> Tensor:
         if self.role == "weight":
             return self.quantize_weight(x)
-        n = self.num_steps
-        clipped = torch.where(x < self.alpha, x.clamp_min(0.0), self.alpha)
-        quantized = torch.round(clipped * n / self.alpha) * self.alpha / n
-        return quantized.detach() + (clipped - clipped.detach())  # STE around the rounding
+        # round(clamp(x, 0, alpha) * n / alpha) * alpha / n, STE around the rounding
+        return pact_fake_quantize(x, self.alpha, self.num_steps)
 
     @torch.no_grad()
     def grid(self) -> QuantGrid:
