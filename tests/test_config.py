@@ -54,3 +54,12 @@ def test_bad_override_syntax_and_missing_file(tmp_path):
         parse_override("quant.weight_bits")
     with pytest.raises(ValueError, match="does not exist"):
         load_config(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize("key", ["quant.method", "quant.weight_method", "quant.act_method"])
+def test_unknown_quantizer_fails_when_the_config_loads(key):
+    # before any data is decoded or any teacher loaded: the config itself is refused
+    with pytest.raises(ValueError, match=rf"'{key}'.*unknown quantization method 'magic'.*ewgs"):
+        load_config(None, [f"{key}=magic"])
+    with pytest.raises(ValueError, match="unknown quantization method 'lsqq'"):
+        load_config(None, ["quant.overrides={'layer3.*': {act_method: lsqq}}"])

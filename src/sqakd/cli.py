@@ -224,10 +224,10 @@ def demo(
     data: Annotated[Path, typer.Option(help="folder with the Fashion-MNIST IDX .gz files")] = Path(
         "/usr/share/datasets/fashion-mnist"
     ),
-    teacher_epochs: int = 3,
+    teacher_epochs: int = 4,
     epochs: Annotated[
         int, typer.Option(help="QAT epochs per student (same budget for every student)")
-    ] = 2,
+    ] = 1,
     limit: Annotated[
         int | None, typer.Option(help="use only this many training images (quick look)")
     ] = None,

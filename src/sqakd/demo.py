@@ -53,8 +53,8 @@ def demo_base(
 def run_demo(
     output: Path,
     data: Path,
-    teacher_epochs: int = 3,
-    epochs: int = 2,
+    teacher_epochs: int = 4,
+    epochs: int = 1,
     limit: int | None = None,
     overwrite: bool = False,
     device: str = "cpu",

@@ -299,14 +299,14 @@ def test_a_pattern_that_matches_no_layer(name: str):
 
 
 def test_unknown_method():
-    model = float_model("vgg8")
-    for policy in (
-        QuantPolicy(method="lsqq"),
-        QuantPolicy(act_method="nope"),
-        QuantPolicy(overrides={"layer1.*": {"method": "nope"}}),
+    # refused when the policy is built, before any model is touched
+    for settings in (
+        {"method": "lsqq"},
+        {"act_method": "nope"},
+        {"overrides": {"layer1.*": {"method": "nope"}}},
     ):
         with pytest.raises(ValueError, match="unknown quantization method") as error:
-            prepare(model, policy)
+            QuantPolicy(**settings)
         assert "ewgs" in str(error.value)
 
 

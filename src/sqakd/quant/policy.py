@@ -19,6 +19,15 @@ def _check_policy_bits(value: int | None) -> int | None:
     )
 
 
+def _check_method(value: str | None) -> str | None:
+    """A registered quantizer name (checked when the policy is built, before any data loads)."""
+    if value is not None:
+        from .registry import quantizer_class
+
+        quantizer_class(value)  # ValueError naming the known quantizers
+    return value
+
+
 class LayerOverride(BaseModel):
     """Settings for the layers whose qualified name matches a pattern (``fnmatch`` syntax)."""
 
@@ -31,6 +40,7 @@ class LayerOverride(BaseModel):
     act_method: str | None = None
 
     _bits = field_validator("weight_bits", "act_bits")(_check_policy_bits)
+    _methods = field_validator("method", "weight_method", "act_method")(_check_method)
 
 
 class QuantPolicy(BaseModel):
@@ -65,3 +75,4 @@ class QuantPolicy(BaseModel):
     overrides: dict[str, LayerOverride] = {}
 
     _bits = field_validator("weight_bits", "act_bits")(_check_policy_bits)
+    _methods = field_validator("method", "weight_method", "act_method")(_check_method)
