@@ -69,7 +69,7 @@ def sqakd_step(teacher, student, images, quantized: bool = True) -> Callable[[],
 
 def teacher_forward(teacher, images) -> Callable[[], None]:
     def step() -> None:
-        with torch.no_grad():
+        with torch.inference_mode():
             teacher(images)
 
     return step

@@ -108,6 +108,8 @@ class TrainConfig(Section):
     max_steps_per_epoch: int | None = Field(None, ge=1)
     checkpoint_every: int = Field(1, ge=1)
     checkpoint_every_steps: int | None = Field(None, ge=1)
+    ewgs_delta_every_epochs: int | None = Field(None, ge=1)
+    ewgs_delta_batches: int = Field(3, ge=1)
 
 
 class MethodConfig(Section):

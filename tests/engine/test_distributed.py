@@ -78,7 +78,6 @@ def test_single_process_sharded_evaluation_is_plain_evaluation():
     assert evaluate_sharded(model, batches, "cpu", SINGLE_PROCESS) == evaluate(model, batches)
 
 
-@pytest.mark.slow
 def test_two_processes_train_the_same_weights_as_one(
     image_tree: Path, teacher_weights: Path, tmp_path: Path
 ):

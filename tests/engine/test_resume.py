@@ -119,7 +119,6 @@ def test_a_mid_epoch_checkpoint_needs_the_same_number_of_processes(tmp_path):
         trainer.load_state_dict(state)
 
 
-@pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(
     image_tree: Path, teacher_weights: Path, tmp_path: Path
 ):

@@ -35,6 +35,7 @@ from .distributed import (
     gather_objects,
     reduce_means,
     reduce_sums,
+    unwrap_model,
     wrap_for_training,
 )
 from .logs import RunLog
@@ -240,6 +241,8 @@ class Trainer:
         rates = []
         while self.epoch < self.config.epochs:
             row: dict[str, Any] = {"epoch": self.epoch + 1}
+            if self._ewgs_update_due():
+                self.update_ewgs_deltas()
             row.update(self.train_epoch())
             rates.append(row["images_per_s"])
             for name, optimizer in self.optimizers.items():
@@ -254,6 +257,38 @@ class Trainer:
         self.result.seconds = time.perf_counter() - start
         self.result.images_per_second = sum(rates) / len(rates) if rates else 0.0
         return self.result
+
+    # -------------------------------------------------------------------- EWGS delta update
+    def _ewgs_update_due(self) -> bool:
+        every = getattr(self.config, "ewgs_delta_every_epochs", None)
+        return bool(every) and self.batch_in_epoch == 0 and self.epoch % every == 0
+
+    def update_ewgs_deltas(self) -> dict[str, float]:
+        """EWGS's Hessian-based delta update (Lee et al., Sec. 3.3) on the first
+        ``train.ewgs_delta_batches`` batches of this epoch, with this method's own loss. The
+        loader is rewound afterwards (``set_epoch``), so training sees the same batches as
+        without the update. Under DDP the deltas are buffers, broadcast from rank 0."""
+        from ..quant.methods.ewgs import update_ewgs_deltas
+
+        model = unwrap_model(self.model)
+
+        def loss(network: nn.Module, batch: Any) -> Tensor:
+            images, labels = batch
+            return self.method.training_step(network, self.teacher, images, labels).total
+
+        loader = self.train_loader
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(self.epoch)
+        model.train()
+        count = getattr(self.config, "ewgs_delta_batches", 3)
+        deltas = update_ewgs_deltas(model, loss, islice(iter(loader), count), num_batches=count)
+        if deltas:
+            values = sorted(deltas.values())
+            self.log.info(
+                "EWGS delta update (epoch %d): %d quantizers, delta %.3g .. %.3g (median %.3g)",
+                self.epoch + 1, len(values), values[0], values[-1], values[len(values) // 2],
+            )  # fmt: skip
+        return deltas
 
     def _record(self, row: dict[str, Any]) -> None:
         self.result.history.append(row)

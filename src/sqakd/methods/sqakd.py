@@ -43,8 +43,9 @@ class SQAKD(Method):
     ) -> StepOutput:
         if teacher is None:
             raise ValueError("sqakd needs a teacher; set teacher.checkpoint")
-        with torch.no_grad():
+        with torch.inference_mode():  # no autograd bookkeeping at all for the frozen teacher
             teacher_logits = teacher(images)
+        teacher_logits = teacher_logits.clone()  # a normal tensor autograd may save (tiny: logits)
         logits = student(images)
         cfg = self.config
         losses: dict[str, Tensor] = {}

@@ -36,6 +36,23 @@ ALPHA_RANGE = (1e-4, 0.5)
 MIN_WIDTH = 1e-8
 
 
+class _ValueOfFirstGradientOfSecond(torch.autograd.Function):
+    """Forward ``value``; backward the incoming gradient to ``surrogate`` (same shape): what
+    ``value.detach() + surrogate - surrogate.detach()`` computes, without its two passes."""
+
+    @staticmethod
+    def forward(ctx, value: Tensor, surrogate: Tensor) -> Tensor:  # type: ignore[override]
+        return value
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[None, Tensor]:  # type: ignore[override]
+        return None, grad
+
+
+def value_of_first_gradient_of_second(value: Tensor, surrogate: Tensor) -> Tensor:
+    return _ValueOfFirstGradientOfSecond.apply(value, surrogate)
+
+
 @register_quantizer("dsq")
 class DSQQuantizer(Quantizer):
     """Differentiable soft quantizer: hard values forward, the tanh staircase's gradient backward.
@@ -83,8 +100,11 @@ class DSQQuantizer(Quantizer):
     def soft_quantize(self, x: Tensor) -> Tensor:
         """``Q_S(x)``, the differentiable staircase of the module docstring."""
         lower, upper, delta = self._range(x)
-        clipped = torch.minimum(torch.maximum(x, lower), upper)
-        interval = torch.floor(((clipped - lower) / delta).detach()).clamp(0, self.num_steps - 1)
+        return self._soft(torch.minimum(torch.maximum(x, lower), upper), lower, delta)
+
+    def _soft(self, clipped: Tensor, lower: Tensor, delta: Tensor) -> Tensor:
+        with torch.no_grad():
+            interval = torch.floor((clipped - lower) / delta).clamp_(0, self.num_steps - 1)
         midpoint = lower + (interval + 0.5) * delta
         alpha = self.alpha.clamp(*ALPHA_RANGE)
         k = torch.log(2.0 / alpha - 1.0) / delta
@@ -98,10 +118,12 @@ class DSQQuantizer(Quantizer):
         return torch.round((clipped - lower) / delta).clamp(0, self.num_steps)
 
     def quantize(self, x: Tensor) -> Tensor:
-        lower, _, delta = self._range(x)
-        hard = (lower + delta * self._codes(x)).detach()
-        soft = self.soft_quantize(x)
-        return hard + (soft - soft.detach())
+        lower, upper, delta = self._range(x)
+        clipped = torch.minimum(torch.maximum(x, lower), upper)
+        with torch.no_grad():  # the hard value: l + Delta round((clip(x) - l) / Delta)
+            codes = ((clipped - lower) / delta).round_().clamp_(0, self.num_steps)
+            hard = codes.mul_(delta).add_(lower)
+        return value_of_first_gradient_of_second(hard, self._soft(clipped, lower, delta))
 
     @torch.no_grad()
     def codes(self, x: Tensor) -> Tensor:
