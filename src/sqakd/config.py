@@ -34,6 +34,7 @@ class RunConfig(Section):
     threads: int | None = None
     sync_batchnorm: bool = False
     compile: bool = False
+    channels_last: bool = False
 
     @field_validator("device")
     @classmethod

@@ -361,6 +361,7 @@ def _run(
         progress=config.run.progress,
         distributed=context,
         sync_batchnorm=config.run.sync_batchnorm,
+        channels_last=config.run.channels_last,
     )
     last_checkpoint = folder / "checkpoints" / "last.pt"
     if resume and (last_checkpoint.exists() or last_checkpoint.with_name("last.pt.prev").exists()):
