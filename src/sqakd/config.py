@@ -82,9 +82,11 @@ class ModelConfig(Section):
 
 
 class TeacherConfig(Section):
-    """The full-precision teacher's weights."""
+    """The full-precision teacher's weights; ``cache_outputs``: compute its logits once per
+    training image and look them up every epoch (``None``: when data.augment is off)."""
 
     checkpoint: Path | None = None
+    cache_outputs: bool | None = None
 
 
 class OptimizerConfig(Section):

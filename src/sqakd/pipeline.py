@@ -39,6 +39,7 @@ from .engine.distributed import (
     shutdown_distributed,
 )
 from .engine.inference import frozen_for_inference
+from .engine.teacher_cache import CachedTeacher
 from .methods import Method, build_method
 from .quant import calibrate, describe, prepare, quantized_layers, quantizer_parameters
 from .quant.kernels import use_compiled_kernels
@@ -349,7 +350,7 @@ def _run(
     )
     trainer = Trainer(
         student,
-        frozen_for_inference(teacher) if teacher is not None else None,
+        training_teacher(teacher, bundle, config, device, log) if teacher is not None else None,
         method,
         train_loader,
         config.train,
@@ -382,6 +383,39 @@ def _run(
         folder,
     )
     return result
+
+
+def training_teacher(
+    teacher: nn.Module, bundle: DataBundle, config: Config, device: torch.device, log: RunLog
+) -> nn.Module:
+    """The teacher as training runs it: a frozen copy with batch norm folded, and its logits
+    computed once per training image when no random augmentation changes the images between
+    epochs (``teacher.cache_outputs``)."""
+    frozen = frozen_for_inference(teacher)
+    augment = config.data.augment
+    random_augmentation = augment.crop_padding > 0 or augment.flip
+    cache = config.teacher.cache_outputs
+    if cache and random_augmentation:
+        raise ValueError(
+            "teacher.cache_outputs needs images that repeat every epoch; turn augmentation off "
+            "(data.augment.crop_padding=0, data.augment.flip=false) or unset teacher.cache_outputs"
+        )
+    if cache is False or (cache is None and random_augmentation):
+        return frozen
+    loader = datasets.BatchLoader(
+        bundle.train,
+        config.data.eval_batch_size,
+        shuffle=False,
+        mean=bundle.mean,
+        std=bundle.std,
+        device=device,
+        with_labels=False,
+    )
+    cached = CachedTeacher(frozen, (images for images, _ in loader))
+    log.info(
+        "teacher logits of %d training images computed once (no augmentation)", len(cached.table)
+    )
+    return cached
 
 
 def build_student(
