@@ -402,15 +402,7 @@ def training_teacher(
         )
     if cache is False or (cache is None and random_augmentation):
         return frozen
-    loader = datasets.BatchLoader(
-        bundle.train,
-        config.data.eval_batch_size,
-        shuffle=False,
-        mean=bundle.mean,
-        std=bundle.std,
-        device=device,
-        with_labels=False,
-    )
+    loader = ordered_loader(bundle.train, bundle, config, device, with_labels=False)
     cached = CachedTeacher(frozen, (images for images, _ in loader))
     log.info(
         "teacher logits of %d training images computed once (no augmentation)", len(cached.table)
@@ -538,13 +530,25 @@ def evaluation_loader(bundle: DataBundle, config: Config, device: torch.device) 
     """The labeled test split, normalised like training, in evaluation batches."""
     if bundle.test is None:
         raise ValueError("this needs a labeled test split; set data.test_split")
+    return ordered_loader(bundle.test, bundle, config, device)
+
+
+def ordered_loader(
+    part: datasets.ImageArray,
+    bundle: DataBundle,
+    config: Config,
+    device: torch.device,
+    with_labels: bool = True,
+) -> Any:
+    """``part`` in file order, normalised like training, no augmentation, evaluation batches."""
     return datasets.BatchLoader(
-        bundle.test,
+        part,
         config.data.eval_batch_size,
         shuffle=False,
         mean=bundle.mean,
         std=bundle.std,
         device=device,
+        with_labels=with_labels,
     )
 
 
