@@ -100,7 +100,7 @@ class DSQQuantizer(Quantizer):
     def soft_quantize(self, x: Tensor) -> Tensor:
         """``Q_S(x)``, the differentiable staircase of the module docstring."""
         lower, upper, delta = self._range(x)
-        return self._soft(torch.minimum(torch.maximum(x, lower), upper), lower, delta)
+        return self._soft(torch.clamp(x, min=lower, max=upper), lower, delta)
 
     def _soft(self, clipped: Tensor, lower: Tensor, delta: Tensor) -> Tensor:
         with torch.no_grad():
@@ -114,12 +114,12 @@ class DSQQuantizer(Quantizer):
 
     def _codes(self, x: Tensor) -> Tensor:
         lower, upper, delta = self._range(x)
-        clipped = torch.minimum(torch.maximum(x, lower), upper)
+        clipped = torch.clamp(x, min=lower, max=upper)
         return torch.round((clipped - lower) / delta).clamp(0, self.num_steps)
 
     def quantize(self, x: Tensor) -> Tensor:
         lower, upper, delta = self._range(x)
-        clipped = torch.minimum(torch.maximum(x, lower), upper)
+        clipped = torch.clamp(x, min=lower, max=upper)
         with torch.no_grad():  # the hard value: l + Delta round((clip(x) - l) / Delta)
             codes = ((clipped - lower) / delta).round_().clamp_(0, self.num_steps)
             hard = codes.mul_(delta).add_(lower)
