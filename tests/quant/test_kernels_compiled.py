@@ -78,3 +78,21 @@ def test_a_failing_compiler_falls_back_to_eager(monkeypatch):
     finally:
         kernels.use_compiled_kernels(False)
         logging.getLogger("sqakd").removeHandler(handler)
+
+
+def test_compiled_kernels_see_plain_tensors_never_parameters(monkeypatch):
+    """A Parameter and a Tensor need separate compiled graphs (torch._dynamo guards on the type),
+    which exhausted the recompile limit in a real model; weights now arrive detached."""
+    seen = []
+
+    def fake_kernel(*args):
+        seen.extend(type(a) for a in args if isinstance(a, torch.Tensor))
+        return kernels._lsq_forward(*args)
+
+    monkeypatch.setattr(kernels, "_use_compiled", True)
+    monkeypatch.setitem(kernels._compiled, "lsq_forward", fake_kernel)
+    q = build_quantizer("lsq", 4, "weight")
+    weight = torch.nn.Parameter(torch.randn(8, 4, 3, 3))
+    q.calibrate(weight)
+    q(weight)
+    assert seen and all(kind is torch.Tensor for kind in seen)

@@ -43,6 +43,9 @@ def _run(name: str, eager: Callable[..., Any], *args: Any) -> Any:
     global _use_compiled
     if not _use_compiled or torch.is_grad_enabled():
         return eager(*args)
+    # plain tensors only: a Parameter (a weight) and a Tensor (an activation) would otherwise
+    # each need their own compiled graph and exhaust torch._dynamo's recompile limit
+    args = tuple(a.detach() if isinstance(a, Tensor) else a for a in args)
     kernel = _compiled.get(name)
     if kernel is None:
         kernel = _compiled[name] = torch.compile(eager, dynamic=True)
