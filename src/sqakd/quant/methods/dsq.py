@@ -14,7 +14,9 @@ A learnable clipping range ``[l, u]`` is cut into ``n = 2**b - 1`` intervals of 
 Forward value: the hard quantizer DSQ deploys, ``l + Delta * (i + (sign(phi) + 1) / 2)``, computed
 as ``l + Delta * round((clip(x) - l) / Delta)`` (the same except exactly at a midpoint, where
 ``sign(phi) = 0`` would give a half level). Backward: the gradient of ``Q_S`` with respect to
-``x``, ``l``, ``u`` and ``alpha`` (``hard.detach() + Q_S - Q_S.detach()``).
+``x``, ``l``, ``u`` and ``alpha``, what ``hard.detach() + Q_S - Q_S.detach()`` gives, computed
+in one fused autograd function (:class:`sqakd.quant.kernels.DSQFakeQuantize`) instead of
+through the staircase's dozen operations.
 
 Initialisation from the first tensor: signed (weights) ``l = -3 std``, ``u = 3 std``, per output
 channel with ``per_channel``; unsigned (activations) ``l = 0``, ``u = max(x)``; signed
@@ -30,27 +32,11 @@ import torch
 from torch import Tensor, nn
 
 from ..base import QuantGrid, Quantizer, Role, broadcast_channels, per_channel_reduce
+from ..kernels import dsq_fake_quantize
 from ..registry import register_quantizer
 
 ALPHA_RANGE = (1e-4, 0.5)
 MIN_WIDTH = 1e-8
-
-
-class _ValueOfFirstGradientOfSecond(torch.autograd.Function):
-    """Forward ``value``; backward the incoming gradient to ``surrogate`` (same shape): what
-    ``value.detach() + surrogate - surrogate.detach()`` computes, without its two passes."""
-
-    @staticmethod
-    def forward(ctx, value: Tensor, surrogate: Tensor) -> Tensor:  # type: ignore[override]
-        return value
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[None, Tensor]:  # type: ignore[override]
-        return None, grad
-
-
-def value_of_first_gradient_of_second(value: Tensor, surrogate: Tensor) -> Tensor:
-    return _ValueOfFirstGradientOfSecond.apply(value, surrogate)
 
 
 @register_quantizer("dsq")
@@ -118,12 +104,9 @@ class DSQQuantizer(Quantizer):
         return torch.round((clipped - lower) / delta).clamp(0, self.num_steps)
 
     def quantize(self, x: Tensor) -> Tensor:
-        lower, upper, delta = self._range(x)
-        clipped = torch.clamp(x, min=lower, max=upper)
-        with torch.no_grad():  # the hard value: l + Delta round((clip(x) - l) / Delta)
-            codes = ((clipped - lower) / delta).round_().clamp_(0, self.num_steps)
-            hard = codes.mul_(delta).add_(lower)
-        return value_of_first_gradient_of_second(hard, self._soft(clipped, lower, delta))
+        delta = (self.upper - self.lower).clamp_min(MIN_WIDTH) / self.num_steps
+        kappa = torch.log(2.0 / self.alpha.clamp(*ALPHA_RANGE) - 1.0)  # k Delta
+        return dsq_fake_quantize(x, self.lower, self.upper, delta, kappa)
 
     @torch.no_grad()
     def codes(self, x: Tensor) -> Tensor:
