@@ -1,12 +1,14 @@
-"""ONNX Runtime latency on the CPU of a float32 ResNet-20 vs its QDQ exports (W8A8, W4A4), with
-the ONNX file sizes and the packed (bit-packed safetensors) sizes.
+"""ONNX Runtime latency on the CPU of a float32 model (ResNet-20 or MobileNetV2, CIFAR size) vs
+its QDQ exports (W8A8, W4A4), plain and reshaped for integer kernels (``integer_kernels=True``),
+with the ONNX file sizes, the packed (bit-packed safetensors) sizes and how many quantized layers
+ONNX Runtime turned into integer kernels (``QLinearConv`` in its optimised graph).
 
 ONNX Runtime runs with all graph optimisations (ORT_ENABLE_ALL), so that QuantizeLinear /
 DequantizeLinear pairs are fused into integer kernels wherever ORT's QDQ patterns match. The
 latency is the median of ``--repeats`` runs after warm-up, in milliseconds per batch. Weights are
 random (latency does not depend on their values); quantizers are calibrated on one random batch.
 
-Run: python benchmarks/export_latency.py [--methods ewgs lsq] [--first-last float]
+Run: python benchmarks/export_latency.py [--model resnet20] [--methods ewgs lsq] [--first-last float]
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import time
 import warnings
 from pathlib import Path
 
+import onnx
 import onnxruntime as ort
 import torch
 from _timing import machine
@@ -64,14 +67,26 @@ def latency_ms(path: Path, batch: int, repeats: int) -> float:
     return 1000 * times[len(times) // 2]
 
 
+def integer_layers(path: Path) -> int:
+    """How many ``QLinearConv`` / ``QLinearMatMul`` / ``QGemm`` nodes ORT's optimised graph has."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    optimised = path.with_suffix(".optimised.onnx")
+    options.optimized_model_filepath = str(optimised)
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    kinds = {"QLinearConv", "QLinearMatMul", "QGemm"}
+    return sum(node.op_type in kinds for node in onnx.load(str(optimised)).graph.node)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", default="resnet20", choices=["resnet20", "mobilenetv2"])
     parser.add_argument("--methods", nargs="*", default=["ewgs", "lsq"])
     parser.add_argument("--first-last", default="float", choices=["float", "8bit", "same"])
     parser.add_argument("--repeats", type=int, default=50)
     args = parser.parse_args()
     torch.manual_seed(0)
-    model = build_model("resnet20", num_classes=10).eval()
+    model = build_model(args.model, num_classes=10).eval()
     calibration = torch.randn(64, 3, 32, 32)
     rows = []
     with tempfile.TemporaryDirectory() as folder:
@@ -80,7 +95,7 @@ def main() -> None:
         float_bytes = sum(
             4 * t.numel() for t in model.state_dict().values() if t.is_floating_point()
         )
-        rows.append(("float32", "-", float_path, float_bytes))
+        rows.append(("float32", "-", float_path, float_bytes, "-"))
         for method in args.methods:
             for bits in (8, 4):
                 policy = QuantPolicy(
@@ -88,29 +103,34 @@ def main() -> None:
                 )
                 student = prepare(model, policy)
                 calibrate(student, [calibration])
-                path = Path(folder) / f"{method}-w{bits}a{bits}.onnx"
-                report = export_onnx(student, path, (1, 3, 32, 32))
-                label = f"W{bits}A{bits} QDQ (opset {report.opset})"
-                rows.append((label, method, path, packed_size(student).packed_bytes))
+                packed = packed_size(student).packed_bytes
+                for integer in (False, True):
+                    path = Path(folder) / f"{method}-w{bits}a{bits}-{integer}.onnx"
+                    report = export_onnx(student, path, (1, 3, 32, 32), integer_kernels=integer)
+                    label = f"W{bits}A{bits} QDQ (opset {report.opset})" + (
+                        ", integer kernels" if integer else ""
+                    )
+                    count = f"{integer_layers(path)} of {len(report.layers)}"
+                    rows.append((label, method, path, packed, count))
         print(
-            f"ResNet-20 (CIFAR, 32x32), ONNX Runtime {ort.__version__} CPUExecutionProvider, "
+            f"{args.model} (CIFAR, 32x32), ONNX Runtime {ort.__version__} CPUExecutionProvider, "
             f"ORT_ENABLE_ALL; first/last layers: {args.first_last}; {os.cpu_count()} CPU cores; "
             f"{machine()}\n"
         )
         print(
-            "| model | method | ONNX file | packed weights file | "
+            "| model | method | integer layers | ONNX file | packed weights file | "
             + " | ".join(f"batch {b} (ms)" for b in BATCHES)
             + " |"
         )
-        print("|---|---|---|---|" + "---|" * len(BATCHES))
+        print("|---|---|---|---|---|" + "---|" * len(BATCHES))
         float_times = None
-        for label, method, path, stored in rows:
+        for label, method, path, stored, count in rows:
             times = [latency_ms(path, b, args.repeats) for b in BATCHES]
             float_times = float_times or times
             cells = [f"{t:.2f} ({t / f:.2f}x float)" for t, f in zip(times, float_times)]
             size = path.stat().st_size
             print(
-                f"| {label} | {method} | {size / 1024:.0f} KiB | {stored / 1024:.0f} KiB | "
+                f"| {label} | {method} | {count} | {size / 1024:.0f} KiB | {stored / 1024:.0f} KiB | "
                 + " | ".join(cells)
                 + " |"
             )

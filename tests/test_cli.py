@@ -228,6 +228,15 @@ def test_export_then_verify_a_run(quantized_run: Path):
     assert "layer1.0.conv1" in verified.stdout  # the per-layer table
 
 
+def test_export_for_integer_kernels(quantized_run: Path, tmp_path: Path):
+    exported = invoke(
+        "export", "--run", str(quantized_run), "-o", str(tmp_path / "int.onnx"), "--integer-kernels"
+    )
+    assert exported.exit_code == 0, exported.output
+    assert "integer kernels: clip moved onto the codes in" in exported.stdout
+    assert (tmp_path / "int.onnx").is_file()
+
+
 def test_verify_fails_with_exit_1_when_predictions_disagree(quantized_run: Path, tmp_path: Path):
     from safetensors.torch import load_file, save_file
 

@@ -172,6 +172,12 @@ def export(
     fold_batchnorm: Annotated[
         bool, typer.Option(help="fold batch norm into float convolutions")
     ] = True,
+    integer_kernels: Annotated[
+        bool,
+        typer.Option(
+            help="reshape the graph so that ONNX Runtime runs quantized layers as QLinearConv"
+        ),
+    ] = False,
 ) -> None:
     """Export a quantized run to ONNX (QuantizeLinear/DequantizeLinear) and packed weights."""
     from .deploy import ONNX_NAME, export_run
@@ -181,7 +187,12 @@ def export(
             raise ValueError("give --output FILE.onnx, or --run RUN_FOLDER to write into it")
         output = run / ONNX_NAME
     result = export_run(
-        *_run_inputs(run, config, set, weights), output, packed, opset, fold_batchnorm
+        *_run_inputs(run, config, set, weights),
+        output,
+        packed,
+        opset,
+        fold_batchnorm,
+        integer_kernels,
     )
     typer.echo(str(result))
 

@@ -74,8 +74,10 @@ def export_run(
     packed: bool = True,
     opset: int = 17,
     fold_batchnorm: bool = True,
+    integer_kernels: bool = False,
 ) -> ExportResult:
-    """Write ``output`` (ONNX QDQ) and, with ``packed``, the packed weights beside it."""
+    """Write ``output`` (ONNX QDQ) and, with ``packed``, the packed weights beside it;
+    ``integer_kernels`` as in :func:`sqakd.export.export_onnx`."""
     output = Path(output)
     if output.suffix != ".onnx":
         raise ValueError(f"the ONNX output must end in .onnx, got {output}")
@@ -92,6 +94,7 @@ def export_run(
         input_shape=(1, bundle.in_channels, height, width),
         opset=opset,
         fold_batchnorm=fold_batchnorm,
+        integer_kernels=integer_kernels,
     )
     _add_normalisation(output, bundle.mean, bundle.std)
     packed_path = size = None

@@ -26,6 +26,7 @@ from torch import nn
 
 from ._optional import require
 from .batchnorm import fold_batchnorm as fold_batchnorm_pass
+from .integer_graph import prepare_integer_kernels
 from .view import LayerExport, build_export_view
 
 #: the TorchScript exporter writes opsets up to 20; int16 QuantizeLinear/DequantizeLinear need 21
@@ -82,6 +83,7 @@ def export_onnx(
     input_shape: tuple[int, ...],
     opset: int = 17,
     fold_batchnorm: bool = True,
+    integer_kernels: bool = False,
 ) -> ExportReport:
     """Write ``model`` (prepared and calibrated) to ``path`` as an ONNX QDQ model.
 
@@ -93,6 +95,10 @@ def export_onnx(
         opset: ONNX opset (13 or higher). Raised to 21 when a layer needs int16 codes (8-bit
             weights with a half-integer zero point, e.g. EWGS W8), and said so in the report.
         fold_batchnorm: fold batch norm into the float convolutions before it.
+        integer_kernels: reshape the graph so that ONNX Runtime runs the quantized layers as
+            integer kernels (``QLinearConv``): see :mod:`sqakd.export.integer_graph`. Batch norm
+            after a quantized layer is then folded into its weight scales, and that layer is
+            left out of the per-layer check of :func:`sqakd.export.verify_onnx`.
     """
     onnx = require("onnx")
     path = Path(path)
@@ -121,6 +127,9 @@ def export_onnx(
     if target_opset > TRACE_MAX_OPSET:
         _raise_opset(proto, target_opset)
     _find_layer_outputs(proto, layers)
+    if integer_kernels:
+        scopes = {layer.name: _scope(layer.name) if layer.name else "/" for layer in layers}
+        notes.append(prepare_integer_kernels(proto, layers, scopes).note())
     notes.append(_batchnorm_note(proto, folded))
     fallbacks = [layer.name for layer in layers if layer.float_fallback]
     if fallbacks:
