@@ -185,7 +185,35 @@ class Quantizer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not self.is_initialized:
             self.calibrate(x)
+        if self.role == "activation" and not self.training and not torch.is_grad_enabled():
+            deployed = self.deployed_forward(x)
+            if deployed is not None:
+                return deployed
         return self.quantize(x)
+
+    @torch.no_grad()
+    def deployed_forward(self, x: Tensor) -> Tensor | None:
+        """The activation as the exported model computes it, operation for operation:
+        ``clip(x + shift) -> QuantizeLinear -> DequantizeLinear (+ shift)`` (see
+        :func:`sqakd.export.integer.activation_form`), or ``None`` for a grid with no such form
+        (non-uniform, per channel). Inference (eval mode, no autograd) uses it, so that PyTorch
+        and ONNX Runtime agree bit for bit on the codes: the method's own formula (``x * n / w +
+        b`` for EWGS, say) gives the same codes except where rounding one way or the other
+        decides a tie, and a deep low-bit network can amplify those few differences."""
+        from ..export.integer import CONTAINERS, activation_form  # export builds on quant
+
+        form = activation_form(self.grid())
+        if isinstance(form, str):
+            return None
+        lowest, highest, _ = CONTAINERS[form.container]
+        if form.pre_shift:
+            x = x + form.pre_shift
+        if form.clip is not None:
+            x = torch.clamp(x, form.clip[0], form.clip[1])
+        codes = torch.round(x / form.q_scale) + form.q_zero_point.float()
+        codes = torch.clamp(codes, lowest, highest)
+        out = (codes - form.dq_zero_point.float()) * form.dq_scale
+        return out + form.post_shift if form.post_shift else out
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[override]
         """A per-channel range is 0-d until initialisation gives it shape (C,): adopt the stored
