@@ -106,6 +106,16 @@ def weight_codes(quantizer: Quantizer, weight: Tensor) -> tuple[Tensor, Tensor]:
     return codes, values
 
 
+@torch.no_grad()
+def deployed_weight(quantizer: Quantizer, weight: Tensor) -> Tensor:
+    """``weight`` quantized as the exported model computes it: ``(codes - zero_point) * scale``
+    (``+ offset``) from its :class:`WeightForm`, operation for operation like ONNX
+    ``DequantizeLinear``; the forward's own values where the grid has no integer form."""
+    codes, values = weight_codes(quantizer, weight)
+    form = weight_form(codes, quantizer.grid())
+    return values if isinstance(form, str) else form.dequantize().to(values.dtype)
+
+
 def _level_spacing(grid: QuantGrid, like: Tensor) -> Tensor:
     if grid.levels is None:
         return broadcast_channels(grid.scale.abs(), like, grid.axis or 0)

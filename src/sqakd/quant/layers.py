@@ -31,6 +31,7 @@ class QuantizedLayer(nn.Module):
         self.quantization_enabled = True
         self.register_buffer("calibrated", torch.tensor(False))
         self._pinned_weight: tuple[Tensor, int] | None = None
+        self._deployed_weight: tuple[tuple, list[Tensor], Tensor] | None = None
 
     def pin_quantized_weight(self, values: Tensor) -> None:
         """Use ``values`` as the quantized weight until ``self.weight`` changes.
@@ -62,7 +63,37 @@ class QuantizedLayer(nn.Module):
             if version == self.weight._version and values.shape == self.weight.shape:
                 return values.to(self.weight.device)
             self._pinned_weight = None
+        if not self.weight_quantizer.training and not torch.is_grad_enabled():
+            return self.deployed_weight()
         return self.weight_quantizer(self.weight)
+
+    def deployed_weight(self) -> Tensor:
+        """The quantized weight as the exported model computes it: its integer codes
+        dequantized by ``(codes - zero_point) * scale``, as ONNX ``DequantizeLinear`` does (see
+        :func:`sqakd.export.integer.deployed_weight`). Inference (eval mode, no autograd) uses
+        it, so that PyTorch and ONNX Runtime multiply by bit-identical weights: the method's
+        own formula (``2 round(...) / n - 1`` for DoReFa, say) reaches the same levels up to the
+        last float bit, and a deep low-bit network can amplify such differences. Cached until
+        the weight (version counter) or a quantizer parameter or buffer (value) changes."""
+        from ..export.integer import deployed_weight  # export builds on quant
+
+        quantizer = self.weight_quantizer
+        assert quantizer is not None
+        # the weight by identity and version; the quantizer's few range values by value, since
+        # initialisation may write them through ``.data`` (which keeps the version counter)
+        weight_key = (self.weight.data_ptr(), self.weight._version, self.weight.device)
+        ranges = [t.detach() for t in (*quantizer.parameters(), *quantizer.buffers())]
+        cached = self._deployed_weight
+        if (
+            cached is None
+            or cached[0] != weight_key
+            or len(cached[1]) != len(ranges)
+            or not all(a.shape == b.shape and torch.equal(a, b) for a, b in zip(cached[1], ranges))
+        ):
+            values = deployed_weight(quantizer, self.weight)
+            cached = (weight_key, [t.clone() for t in ranges], values)
+            self._deployed_weight = cached
+        return cached[2]
 
     def quantized_input(self, x: Tensor) -> Tensor:
         if self.act_quantizer is None or not self.quantization_enabled:
