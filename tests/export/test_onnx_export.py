@@ -14,6 +14,7 @@ from torch import nn
 from sqakd.export import export_onnx, read_layer_metadata, verify_onnx
 from sqakd.quant import QuantConv2d, build_quantizer, quantized_layers
 from sqakd.quant.base import QuantGrid, Quantizer
+from sqakd.quant.batchnorm import AffineBatchNorm2d
 
 
 def run_onnx(path, images):
@@ -43,13 +44,31 @@ def test_small_net_matches_onnx_runtime_on_real_images(
 
 
 def integer_weight_of(proto, layer_output):
-    """The integer initializer and DequantizeLinear node feeding the Conv/Gemm producing
-    ``layer_output``."""
+    """The integer initializer and DequantizeLinear node feeding the Conv/Gemm that produces
+    ``layer_output`` (through the layer's trailing Mul by its scale and Add of its bias), and
+    that Mul's node (``None`` for a layer that dequantizes before the op)."""
     producers = {out: node for node in proto.graph.node for out in node.output}
-    op = producers[layer_output]
+    op, scale_mul = producers[layer_output], None
+    while op.op_type in ("Add", "Mul"):
+        scale_mul = op if op.op_type == "Mul" else scale_mul
+        op = producers[op.input[0]]
+    assert op.op_type in ("Conv", "Gemm", "MatMul")  # a linear layer without bias: MatMul
     dequantize = producers[op.input[1]]
+    if dequantize.op_type == "Transpose":  # MatMul(x, W^T)
+        dequantize = producers[dequantize.input[0]]
     assert dequantize.op_type == "DequantizeLinear"
-    return dequantize, initializers(proto)
+    return dequantize, initializers(proto), scale_mul
+
+
+def with_native_batchnorm(model: nn.Module) -> nn.Module:
+    """``model`` with every AffineBatchNorm2d turned back into PyTorch's own nn.BatchNorm2d."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, AffineBatchNorm2d):
+            native = nn.BatchNorm2d(module.num_features, module.eps)
+            native.load_state_dict(module.state_dict())
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, native.eval())
+    return model
 
 
 @pytest.mark.parametrize("method", ["ewgs", "lsq", "dorefa"])
@@ -62,16 +81,25 @@ def test_weights_are_stored_as_integer_codes(small_net, cifar_batch, tmp_path, m
     report = export_onnx(model, tmp_path / "m.onnx", (1, 3, 32, 32))
     proto = onnx.load(tmp_path / "m.onnx")
     for layer_report, (_, layer) in zip(report.layers, quantized_layers(model)):
-        node, values = integer_weight_of(proto, layer_report.output)
-        codes, scale, zero = (values[name] for name in node.input)
+        node, values, scale_mul = integer_weight_of(proto, layer_report.output)
+        codes, unit, zero = (values[name] for name in node.input)
         assert codes.dtype == np.int8 and codes.shape == tuple(layer.weight.shape)
         # a 4-bit grid: 16 codes, doubled to odd numbers -15..15 for half-integer zero points
         assert (
             len(np.unique(codes)) <= 16
             and np.abs(codes.astype(int) - zero.reshape(-1, *[1] * (codes.ndim - 1))).max() <= 15
         )
-        shape = (-1,) + (1,) * (codes.ndim - 1) if scale.ndim else ()
-        dequantized = (codes.astype(np.float32) - zero.reshape(shape)) * scale.reshape(shape)
+        # integer sums: the codes enter the op as integers (unit scale); the op's output is
+        # multiplied by input scale x weight scale, which PyTorch's eval forward uses too
+        np.testing.assert_array_equal(unit, np.ones_like(unit))
+        integer, scale = layer.integer_weight()
+        shape = (-1,) + (1,) * (codes.ndim - 1) if scale.dim() else ()
+        zero_point = zero.reshape(shape).astype(np.float32)
+        np.testing.assert_array_equal(codes.astype(np.float32) - zero_point, integer.numpy())
+        act_scale = layer.act_quantizer.deployed_integer(images[:1])[1]
+        product = values[scale_mul.input[1]]
+        np.testing.assert_array_equal(product.reshape(-1), (act_scale * scale).reshape(-1).numpy())
+        dequantized = integer.numpy() * scale.reshape(shape).numpy()
         with torch.no_grad():
             expected = layer.weight_quantizer(layer.weight).numpy()
         np.testing.assert_allclose(dequantized, expected, rtol=0, atol=1e-6)
@@ -123,9 +151,28 @@ def count_ops(path, op_type):
     return sum(node.op_type == op_type for node in onnx.load(path).graph.node)
 
 
-def test_batchnorm_is_folded_only_into_float_convolutions(small_net, cifar_batch, tmp_path):
+def test_batchnorm_exports_as_the_affine_pytorch_computes(small_net, cifar_batch, tmp_path):
     images, _ = cifar_batch
     model = quantize(small_net(), images, "ewgs", 4, 4, first_last="float")  # stem conv stays float
+    assert all(
+        type(m) is AffineBatchNorm2d for m in model.modules() if isinstance(m, nn.BatchNorm2d)
+    )
+    export_onnx(model, tmp_path / "m.onnx", (1, 3, 32, 32))
+    proto = onnx.load(tmp_path / "m.onnx")
+    assert count_ops(tmp_path / "m.onnx", "BatchNormalization") == 0
+    values = initializers(proto)
+    for name in ("stem.1", "depthwise.1", "pointwise.1"):
+        alpha, beta = model.get_submodule(name).affine_terms()
+        np.testing.assert_array_equal(values[f"{name}.alpha"].reshape(-1), alpha.detach().numpy())
+        np.testing.assert_array_equal(values[f"{name}.beta"].reshape(-1), beta.detach().numpy())
+    check = verify_onnx(tmp_path / "m.onnx", model, images)
+    assert check.agreement >= 0.99
+
+
+def test_native_batchnorm_is_folded_only_into_float_convolutions(small_net, cifar_batch, tmp_path):
+    images, _ = cifar_batch
+    model = quantize(small_net(), images, "ewgs", 4, 4, first_last="float")
+    model = with_native_batchnorm(model)
     folded = export_onnx(model, tmp_path / "folded.onnx", (1, 3, 32, 32))
     unfolded = export_onnx(model, tmp_path / "plain.onnx", (1, 3, 32, 32), fold_batchnorm=False)
     assert count_ops(tmp_path / "folded.onnx", "BatchNormalization") == 2
@@ -252,7 +299,7 @@ def test_non_uniform_activations_export_as_a_level_lookup(cifar_batch, tmp_path)
 
 def test_folded_batchnorm_scales_the_float_convolution(small_net, cifar_batch, tmp_path):
     images, _ = cifar_batch
-    model = quantize(small_net(), images, "lsq", 4, 4)  # stem conv stays float
+    model = with_native_batchnorm(quantize(small_net(), images, "lsq", 4, 4))  # stem: float
     export_onnx(model, tmp_path / "m.onnx", (1, 3, 32, 32))
     proto = onnx.load(tmp_path / "m.onnx")
     stem = next(n for n in proto.graph.node if n.op_type == "Conv" and n.name.startswith("/stem/"))

@@ -107,13 +107,29 @@ def weight_codes(quantizer: Quantizer, weight: Tensor) -> tuple[Tensor, Tensor]:
 
 
 @torch.no_grad()
-def deployed_weight(quantizer: Quantizer, weight: Tensor) -> Tensor:
-    """``weight`` quantized as the exported model computes it: ``(codes - zero_point) * scale``
-    (``+ offset``) from its :class:`WeightForm`, operation for operation like ONNX
-    ``DequantizeLinear``; the forward's own values where the grid has no integer form."""
+def deployed_weight(
+    quantizer: Quantizer, weight: Tensor
+) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+    """``(values, integer)``: ``weight`` quantized as the exported model computes it, ``(codes -
+    zero_point) * scale`` from its :class:`WeightForm`, operation for operation like ONNX
+    ``DequantizeLinear`` (the forward's own values where the grid has no integer form); and
+    ``(codes - zero_point, scale)``, the integer-valued codes as floats and the scale (0-d or
+    per output channel), or ``None`` when there is no integer form or it needs a float offset."""
     codes, values = weight_codes(quantizer, weight)
     form = weight_form(codes, quantizer.grid())
-    return values if isinstance(form, str) else form.dequantize().to(values.dtype)
+    if isinstance(form, str):
+        return values, None
+    return form.dequantize().to(values.dtype), integer_weight(form, values.dtype)
+
+
+def integer_weight(form: WeightForm, dtype: torch.dtype) -> tuple[Tensor, Tensor] | None:
+    """``(codes - zero_point, scale)`` of ``form`` as ``dtype``, or ``None`` when the form needs
+    a float offset."""
+    if form.offset is not None:
+        return None
+    zero_point = broadcast_channels(form.zero_point, form.codes, form.axis or 0)
+    integer = (form.codes.float() - zero_point.float()).to(dtype)
+    return integer, form.scale.to(dtype)
 
 
 def _level_spacing(grid: QuantGrid, like: Tensor) -> Tensor:

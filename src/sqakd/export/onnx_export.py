@@ -109,7 +109,7 @@ def export_onnx(
         raise ValueError(
             f"opset must be {MIN_OPSET}..{onnx.defs.onnx_opset_version()}, got {opset!r}"
         )
-    view, layers = build_export_view(model)
+    view, layers = build_export_view(model, integer_sums=not integer_kernels)
     notes = []
     target_opset = opset
     int16_layers = [layer.name for layer in layers if layer.weight_container == "int16"]

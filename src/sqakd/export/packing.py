@@ -25,6 +25,7 @@ training would continue from are not stored: a packed model is for inference.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import warnings
@@ -36,7 +37,7 @@ from torch import Tensor, nn
 
 from ..quant import QuantGrid, QuantizedLayer, Quantizer, quantized_layers, quantizers
 from ..quant.base import broadcast_channels
-from .integer import check_calibrated, codes_of_values, weight_codes
+from .integer import check_calibrated, codes_of_values, integer_weight, weight_codes, weight_form
 
 FORMAT = "sqakd.packed/1"
 METADATA_KEY = "sqakd"
@@ -230,7 +231,12 @@ def load_packed(model: nn.Module, path: str | Path) -> nn.Module:
         codes = unpack_bits(tensors[key + CODES], record["width"], count) + record["qmin"]
         codes = codes.reshape(record["shape"]).to(layer.weight.dtype)
         with torch.no_grad():
-            weight = _rebuild_weight(layer, key, codes, record)
+            saved_grid = dataclasses.replace(
+                layer.weight_quantizer.grid(),
+                scale=tensors[key + SCALE],
+                zero_point=tensors[key + ZERO_POINT],
+            )
+            weight = _rebuild_weight(layer, key, codes, record, saved_grid)
             if layer._pinned_weight is None:
                 layer.weight.copy_(weight)
     return model
@@ -267,7 +273,9 @@ def _check_keys(model: nn.Module, state: dict[str, Tensor], records: dict) -> No
 
 
 @torch.no_grad()
-def _rebuild_weight(layer: QuantizedLayer, key: str, codes: Tensor, record: dict) -> Tensor:
+def _rebuild_weight(
+    layer: QuantizedLayer, key: str, codes: Tensor, record: dict, saved_grid: QuantGrid
+) -> Tensor:
     """A float weight whose fake-quantized value has the saved SHA-256 (see the module doc).
 
     When the quantizer's forward is not a function of the codes alone (it recomputes a statistic
@@ -293,7 +301,9 @@ def _rebuild_weight(layer: QuantizedLayer, key: str, codes: Tensor, record: dict
     exact = grid.dequantize(codes)
     if _digest(exact) == record["sha256"]:
         layer.weight.copy_(fallback)
-        layer.pin_quantized_weight(exact)
+        form = weight_form(codes, saved_grid)  # the saved model's integer form, exactly
+        integer = None if isinstance(form, str) else integer_weight(form, exact.dtype)
+        layer.pin_quantized_weight(exact, integer)
         return fallback
     warnings.warn(
         f"{key}: the codes are restored but the quantized values differ from the saved ones in "

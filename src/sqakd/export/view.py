@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from ..quant import QuantConv2d, QuantGrid, QuantizedLayer, Quantizer, QuantLinear, quantized_layers
 from ..quant.base import broadcast_channels
+from ..quant.batchnorm import AffineBatchNorm2d, ChannelAffine
 from ..quant.policy import FLOAT_BITS
 from .integer import (
     CONTAINERS,
@@ -134,7 +135,7 @@ class LayerExport:
 class ExportedLayer(nn.Module):
     """The deployable twin of a calibrated :class:`~sqakd.quant.QuantizedLayer`."""
 
-    def __init__(self, name: str, layer: QuantizedLayer) -> None:
+    def __init__(self, name: str, layer: QuantizedLayer, integer_sums: bool = True) -> None:
         super().__init__()
         self.op = FLOAT_OPS[type(layer)](layer)
         self.register_buffer("bias", None if layer.bias is None else layer.bias.detach().clone())
@@ -154,6 +155,7 @@ class ExportedLayer(nn.Module):
             self.report.notes.append("quantization switched off: exported in float")
         self._set_weight(layer)
         self._set_activation(aq)
+        self._set_integer_sums(integer_sums)
 
     # ---------------------------------------------------------------------------------- weight
     def _set_weight(self, layer: QuantizedLayer) -> None:
@@ -237,6 +239,45 @@ class ExportedLayer(nn.Module):
         if form.pre_shift or form.post_shift:
             self.report.notes.append("fractional activation zero point carried as a float shift")
 
+    def _set_integer_sums(self, enabled: bool) -> None:
+        """Run the op on integer codes and scale afterwards where the forms allow it, exactly as
+        :meth:`sqakd.quant.QuantizedLayer.integer_forward` does in PyTorch."""
+        self.register_buffer("integer_scale", None)
+        form = self.act
+        if (
+            not enabled
+            or form is None
+            or form.post_shift
+            or self.weight_codes is None
+            or getattr(self, "weight_offset", None) is not None
+        ):
+            return
+        product = form.dq_scale * self.weight_scale
+        shape = [1, -1] + [1] * (self.weight_codes.dim() - 2) if product.dim() else []
+        self.integer_scale = product.reshape(shape)
+        self.register_buffer("unit_scale", torch.ones_like(self.weight_scale))
+        self.register_buffer("act_unit_scale", torch.ones_like(form.dq_scale))
+        self.report.notes.append(
+            "integer sums: the op runs on the codes, then x (input scale * weight scale)"
+        )
+
+    def integer_forward(self, x: Tensor) -> Tensor:
+        form = self.act
+        assert form is not None
+        if form.pre_shift:
+            x = x + form.pre_shift
+        if form.clip is not None:
+            x = torch.clamp(x, form.clip[0], form.clip[1])
+        codes = QuantizeLinear.apply(x, self.act_q_scale, self.act_q_zero_point)
+        x_int = DequantizeLinear.apply(codes, self.act_unit_scale, self.act_dq_zero_point, None)
+        w_int = DequantizeLinear.apply(
+            self.weight_codes, self.unit_scale, self.weight_zero_point, self.weight_axis
+        )
+        out = self.op(x_int, w_int, None) * self.integer_scale
+        if self.bias is None:
+            return out
+        return out + self.bias.reshape([1, -1] + [1] * (out.dim() - 2))
+
     def quantize_input(self, x: Tensor) -> Tensor:
         if self.act_traced is not None:
             return self.act_traced(x)
@@ -256,6 +297,8 @@ class ExportedLayer(nn.Module):
         return x
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.integer_scale is not None:
+            return self.integer_forward(x)
         return self.op(self.quantize_input(x), self.weight(), self.bias)
 
 
@@ -304,9 +347,18 @@ class LevelLookup(nn.Module):
         return lookup if torch.equal(lookup(probe), expected) else None
 
 
-def build_export_view(model: nn.Module) -> tuple[nn.Module, list[LayerExport]]:
+def build_export_view(
+    model: nn.Module, integer_sums: bool = True
+) -> tuple[nn.Module, list[LayerExport]]:
     """A deep copy of ``model`` (eval mode) with every quantized layer swapped for its
-    :class:`ExportedLayer`, and the per-layer export decisions."""
+    :class:`ExportedLayer`, and the per-layer export decisions.
+
+    With ``integer_sums`` (the default), layers whose grids allow it run their op on integer
+    codes and scale afterwards, and every :class:`~sqakd.quant.batchnorm.AffineBatchNorm2d`
+    becomes its two element-wise ops (:class:`~sqakd.quant.batchnorm.ChannelAffine`): the graph
+    then computes what PyTorch computes in eval mode, operation for operation. Without it (the
+    integer-kernel export), the layers dequantize and batch norm stays ``BatchNormalization``,
+    the form ONNX Runtime's QDQ fusions and the batch-norm folding look for."""
     layers = quantized_layers(model)
     if not layers:
         raise ValueError(
@@ -319,11 +371,29 @@ def build_export_view(model: nn.Module) -> tuple[nn.Module, list[LayerExport]]:
     view = copy.deepcopy(model).eval()
     reports = []
     for name, layer in quantized_layers(view):
-        twin = ExportedLayer(name, layer)
+        twin = ExportedLayer(name, layer, integer_sums)
         reports.append(twin.report)
         if not name:
             return twin, reports
-        parent_name, _, child = name.rpartition(".")
-        parent = view.get_submodule(parent_name) if parent_name else view
-        setattr(parent, child, twin)
+        _replace_module(view, name, twin)
+    for name, module in list(view.named_modules()):
+        if isinstance(module, AffineBatchNorm2d):
+            _replace_module(view, name, _batchnorm_export(module, integer_sums))
     return view, reports
+
+
+def _batchnorm_export(bn: AffineBatchNorm2d, integer_sums: bool) -> nn.Module:
+    """What an :class:`AffineBatchNorm2d` exports as: its eval-mode arithmetic written out, or a
+    plain ``nn.BatchNorm2d`` (PyTorch's kernel, ``BatchNormalization`` in ONNX)."""
+    if integer_sums and bn.quantization_enabled and bn.running_var is not None:
+        with torch.no_grad():
+            return ChannelAffine(*bn.affine_terms())
+    plain = nn.BatchNorm2d(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
+    plain.load_state_dict(bn.state_dict())
+    return plain.eval()
+
+
+def _replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)

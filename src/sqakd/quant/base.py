@@ -192,6 +192,31 @@ class Quantizer(nn.Module):
         return self.quantize(x)
 
     @torch.no_grad()
+    def deployed_integer(self, x: Tensor) -> tuple[Tensor, Tensor] | None:
+        """``(q - z, scale)``: the activation codes of :meth:`deployed_forward` minus the output
+        zero point (integer-valued floats) and the output scale, so that ``deployed_forward(x)
+        == (q - z) * scale``; ``None`` without a uniform per-tensor grid, or when the output
+        zero point is fractional (a float shift follows the dequantization)."""
+        from ..export.integer import CONTAINERS, activation_form  # export builds on quant
+
+        form = activation_form(self.grid())
+        if isinstance(form, str) or form.post_shift:
+            return None
+        lowest, highest, _ = CONTAINERS[form.container]
+        codes = self._deployed_codes(x, form, lowest, highest)
+        return codes - form.dq_zero_point.float(), form.dq_scale
+
+    @staticmethod
+    def _deployed_codes(x: Tensor, form, lowest: int, highest: int) -> Tensor:  # type: ignore[no-untyped-def]
+        """``clamp(round(clip(x + shift) / scale) + zero point)``, as ``QuantizeLinear``."""
+        if form.pre_shift:
+            x = x + form.pre_shift
+        if form.clip is not None:
+            x = torch.clamp(x, form.clip[0], form.clip[1])
+        codes = torch.round(x / form.q_scale) + form.q_zero_point.float()
+        return torch.clamp(codes, lowest, highest)
+
+    @torch.no_grad()
     def deployed_forward(self, x: Tensor) -> Tensor | None:
         """The activation as the exported model computes it, operation for operation:
         ``clip(x + shift) -> QuantizeLinear -> DequantizeLinear (+ shift)`` (see
@@ -206,12 +231,7 @@ class Quantizer(nn.Module):
         if isinstance(form, str):
             return None
         lowest, highest, _ = CONTAINERS[form.container]
-        if form.pre_shift:
-            x = x + form.pre_shift
-        if form.clip is not None:
-            x = torch.clamp(x, form.clip[0], form.clip[1])
-        codes = torch.round(x / form.q_scale) + form.q_zero_point.float()
-        codes = torch.clamp(codes, lowest, highest)
+        codes = self._deployed_codes(x, form, lowest, highest)
         out = (codes - form.dq_zero_point.float()) * form.dq_scale
         return out + form.post_shift if form.post_shift else out
 

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import Quantizer
+from .batchnorm import AffineBatchNorm2d
 
 
 class QuantizedLayer(nn.Module):
@@ -31,9 +32,14 @@ class QuantizedLayer(nn.Module):
         self.quantization_enabled = True
         self.register_buffer("calibrated", torch.tensor(False))
         self._pinned_weight: tuple[Tensor, int] | None = None
-        self._deployed_weight: tuple[tuple, list[Tensor], Tensor] | None = None
+        self._pinned_integer: tuple[Tensor, Tensor] | None = None
+        self._deployed_weight: (
+            tuple[tuple, list[Tensor], Tensor, tuple[Tensor, Tensor] | None] | None
+        ) = None
 
-    def pin_quantized_weight(self, values: Tensor) -> None:
+    def pin_quantized_weight(
+        self, values: Tensor, integer: tuple[Tensor, Tensor] | None = None
+    ) -> None:
         """Use ``values`` as the quantized weight until ``self.weight`` changes.
 
         Loading packed weights needs this for quantizers whose forward recomputes a statistic of
@@ -41,11 +47,16 @@ class QuantizedLayer(nn.Module):
         statistic can differ from the saved one in the last float bit. The pin holds the exact
         saved values; any in-place change of the weight (an optimizer step, ``load_state_dict``,
         ``copy_``) bumps the weight's version counter and drops the pin, so training always
-        sees the live quantizer.
+        sees the live quantizer. ``integer`` is the saved ``(codes - zero_point, scale)`` for
+        :meth:`integer_forward` (``None``: the pinned values in the float forward).
         """
         self._pinned_weight = (values.detach().clone(), self.weight._version)
+        self._pinned_integer = integer
 
     def _float_forward(self, x: Tensor, weight: Tensor) -> Tensor:
+        return self._float_op(x, weight, self.bias)
+
+    def _float_op(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         raise NotImplementedError
 
     @property
@@ -90,8 +101,8 @@ class QuantizedLayer(nn.Module):
             or len(cached[1]) != len(ranges)
             or not all(a.shape == b.shape and torch.equal(a, b) for a, b in zip(cached[1], ranges))
         ):
-            values = deployed_weight(quantizer, self.weight)
-            cached = (weight_key, [t.clone() for t in ranges], values)
+            values, integer = deployed_weight(quantizer, self.weight)
+            cached = (weight_key, [t.clone() for t in ranges], values, integer)
             self._deployed_weight = cached
         return cached[2]
 
@@ -118,7 +129,52 @@ class QuantizedLayer(nn.Module):
             return self._float_forward(x, self.weight)
         if not bool(self.calibrated):
             self.calibrate(x)
+        if not self.training and not torch.is_grad_enabled():
+            out = self.integer_forward(x)
+            if out is not None:
+                return out
         return self._float_forward(self.quantized_input(x), self.quantized_weight())
+
+    def integer_forward(self, x: Tensor) -> Tensor | None:
+        """Inference on integer codes, as the exported graph computes it: the op (convolution,
+        matrix product) on the input codes ``q - z`` and the weight codes, both integer-valued
+        floats, then ``* (input scale * weight scale)`` per output channel, then ``+ bias``.
+        Sums of integers are exact in float32 (below 2^24), so the result does not depend on
+        the order in which a runtime sums, and PyTorch and ONNX Runtime agree bit for bit.
+        ``None`` where a grid has no such form (non-uniform levels, a fractional output zero
+        point, a weight offset): the caller then runs the fake-quantized float forward."""
+        wq, aq = self.weight_quantizer, self.act_quantizer
+        if wq is None or aq is None or wq.training or aq.training:
+            return None
+        codes = aq.deployed_integer(x)
+        if codes is None:
+            return None
+        x_int, x_scale = codes
+        integer_weight = self.integer_weight()
+        if integer_weight is None:
+            return None
+        w_int, w_scale = integer_weight
+        out = self._float_op(x_int, w_int, None)
+        shape = [1] * out.dim()
+        shape[1] = -1
+        out = out * (x_scale * w_scale).reshape(shape if w_scale.dim() else [])
+        return out if self.bias is None else out + self.bias.reshape(shape)
+
+    def integer_weight(self) -> tuple[Tensor, Tensor] | None:
+        """``(codes - zero_point, scale)`` of the deployed weight (integer-valued float codes,
+        scale 0-d or per output channel), or ``None`` without such a form."""
+        quantizer = self.weight_quantizer
+        assert quantizer is not None
+        if self._pinned_weight is not None:
+            self.quantized_weight()  # drops the pin if the weight has changed since
+        if self._pinned_weight is not None:  # loaded packed: the saved integer form
+            integer = self._pinned_integer
+            if integer is None:
+                return None
+            return integer[0].to(self.weight.device), integer[1].to(self.weight.device)
+        self.deployed_weight()
+        assert self._deployed_weight is not None
+        return self._deployed_weight[3]
 
 
 class QuantConv2d(QuantizedLayer, nn.Conv2d):
@@ -157,8 +213,8 @@ class QuantConv2d(QuantizedLayer, nn.Conv2d):
         layer.train(conv.training)
         return layer
 
-    def _float_forward(self, x: Tensor, weight: Tensor) -> Tensor:
-        return self._conv_forward(x, weight, self.bias)
+    def _float_op(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        return self._conv_forward(x, weight, bias)
 
 
 class QuantLinear(QuantizedLayer, nn.Linear):
@@ -191,8 +247,8 @@ class QuantLinear(QuantizedLayer, nn.Linear):
         layer.train(linear.training)
         return layer
 
-    def _float_forward(self, x: Tensor, weight: Tensor) -> Tensor:
-        return F.linear(x, weight, self.bias)
+    def _float_op(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        return F.linear(x, weight, bias)
 
 
 #: float layer type -> its quantized twin; prepare() swaps exactly these
@@ -213,9 +269,12 @@ def quantizers(model: nn.Module) -> list[tuple[str, Quantizer]]:
 
 
 def set_quantization(model: nn.Module, enabled: bool) -> None:
-    """Switch fake quantization on or off in every quantized layer (off = the float model)."""
-    for _, layer in quantized_layers(model):
-        layer.quantization_enabled = enabled
+    """Switch fake quantization on or off in every quantized layer, and the deployment
+    arithmetic of every :class:`~sqakd.quant.batchnorm.AffineBatchNorm2d` with it (off = the
+    float model, exactly)."""
+    for module in model.modules():
+        if isinstance(module, (QuantizedLayer, AffineBatchNorm2d)):
+            module.quantization_enabled = enabled
 
 
 def quantizer_parameters(model: nn.Module) -> list[nn.Parameter]:

@@ -9,6 +9,7 @@ from fnmatch import fnmatchcase
 from torch import nn
 
 from .base import Quantizer
+from .batchnorm import AffineBatchNorm2d
 from .layers import QUANTIZED_TWINS, QuantizedLayer
 from .policy import FLOAT_BITS, QuantPolicy
 from .registry import build_quantizer, quantizer_class
@@ -159,7 +160,10 @@ def prepare(
 
     The copy keeps every parameter name, so a float ``state_dict`` loads into it. Layers the
     policy keeps in float stay ordinary modules; layer types without a quantized twin are left
-    in float and appear in :func:`plan`'s table.
+    in float and appear in :func:`plan`'s table. When any layer is quantized, every
+    ``nn.BatchNorm2d`` becomes an :class:`~sqakd.quant.batchnorm.AffineBatchNorm2d` (same
+    parameters and training behaviour; in eval mode the affine ``x * alpha + beta`` that the
+    exported graph computes too).
     """
     policy = policy or QuantPolicy()
     decisions = plan(model, policy)
@@ -173,7 +177,17 @@ def prepare(
         act_q = _make(decision.act_method, decision.act_bits, "activation", policy)
         layer = twin.from_float(float_layer, weight_q, act_q).to(float_layer.weight.device)
         _replace(prepared, decision.name, layer)
+    if any(decision.quantized for decision in decisions):
+        _use_affine_batchnorm(prepared)
     return prepared
+
+
+def _use_affine_batchnorm(model: nn.Module) -> None:
+    """Swap every ``nn.BatchNorm2d`` for :class:`AffineBatchNorm2d` (same parameters), whose
+    inference arithmetic the exported graph repeats exactly."""
+    for name, module in list(model.named_modules()):
+        if type(module) is nn.BatchNorm2d:
+            _replace(model, name, AffineBatchNorm2d.from_float(module))
 
 
 def _make(method: str | None, bits: int, role: str, policy: QuantPolicy) -> Quantizer | None:
