@@ -244,6 +244,10 @@ def _batchnorm_note(proto, folded: int | None) -> str:  # type: ignore[no-untype
     kept = sum(node.op_type == "BatchNormalization" for node in proto.graph.node)
     if folded is None:
         return f"batch norm not folded ({kept} BatchNormalization nodes)"
+    if folded + kept == 0:
+        return (
+            "batch norm: no BatchNormalization node (a prepared model's are Mul/Add, as in PyTorch)"
+        )
     return (
         f"batch norm: {folded} of {folded + kept} folded into float convolutions; {kept} kept "
         f"(after quantized layers, where folding would change the quantized weights)"

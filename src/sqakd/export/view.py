@@ -261,14 +261,17 @@ class ExportedLayer(nn.Module):
             "integer sums: the op runs on the codes, then x (input scale * weight scale)"
         )
 
-    def integer_forward(self, x: Tensor) -> Tensor:
-        form = self.act
-        assert form is not None
+    def input_codes(self, x: Tensor, form: ActivationForm) -> Tensor:
+        """``[+ pre_shift] -> [Clip] -> QuantizeLinear``: the input's integer codes."""
         if form.pre_shift:
             x = x + form.pre_shift
         if form.clip is not None:
             x = torch.clamp(x, form.clip[0], form.clip[1])
-        codes = QuantizeLinear.apply(x, self.act_q_scale, self.act_q_zero_point)
+        return QuantizeLinear.apply(x, self.act_q_scale, self.act_q_zero_point)
+
+    def integer_forward(self, x: Tensor) -> Tensor:
+        assert self.act is not None
+        codes = self.input_codes(x, self.act)
         x_int = DequantizeLinear.apply(codes, self.act_unit_scale, self.act_dq_zero_point, None)
         w_int = DequantizeLinear.apply(
             self.weight_codes, self.unit_scale, self.weight_zero_point, self.weight_axis
@@ -286,11 +289,7 @@ class ExportedLayer(nn.Module):
         form = self.act
         if form is None:
             return x
-        if form.pre_shift:
-            x = x + form.pre_shift
-        if form.clip is not None:
-            x = torch.clamp(x, form.clip[0], form.clip[1])
-        codes = QuantizeLinear.apply(x, self.act_q_scale, self.act_q_zero_point)
+        codes = self.input_codes(x, form)
         x = DequantizeLinear.apply(codes, self.act_dq_scale, self.act_dq_zero_point, None)
         if form.post_shift:
             x = x + form.post_shift
