@@ -3,10 +3,12 @@
 The graph is the export view (:mod:`sqakd.export.view`) traced by torch's TorchScript ONNX
 exporter: each quantized layer becomes ``DequantizeLinear(integer codes)`` for its weight and
 ``QuantizeLinear -> DequantizeLinear`` for its input, the rest of the model stays float. The batch
-axis is dynamic. Batch norm is folded into the convolutions that precede it only where that
-keeps parity: into float convolutions. A batch norm after a quantized convolution stays a
-``BatchNormalization`` node, because folding it would change the weight the integer codes
-describe.
+axis is dynamic. Quantized layers take the integer-sums form where their grids allow it, and a
+prepared model's batch norms are ``Mul``/``Add`` (see :mod:`sqakd.export.view`), so that the
+graph computes what PyTorch computes in eval mode. ``BatchNormalization`` nodes (plain
+``nn.BatchNorm2d``, or every batch norm with ``integer_kernels``) are folded into the convolutions
+that precede them only where that keeps parity: into float convolutions; after a quantized
+convolution they stay, because folding would change the weight the integer codes describe.
 
 Each layer's true bit-widths, methods and container types go into the model's
 ``metadata_props`` under ``sqakd.layers`` (JSON), so that a 4-bit layer stored in an int8

@@ -9,6 +9,11 @@ For a quantized layer with weight grid ``(scale, zero_point)`` and activation gr
                                -> DequantizeLinear(scale, zo) (+ post_shift)
     output: Conv / Gemm(input, weight, float bias)
 
+or, where the grids allow it (no output shift, no weight offset), the integer-sums form that
+:meth:`sqakd.quant.QuantizedLayer.integer_forward` computes in PyTorch: the op on
+``DequantizeLinear(codes, 1, zero_point)`` of input and weight (integer-valued, exact sums), then
+``Mul(input scale * weight scale)`` and ``Add(bias)``; and each
+:class:`~sqakd.quant.batchnorm.AffineBatchNorm2d` becomes ``Mul``/``Add`` with its constants
 (see :mod:`sqakd.export.integer` for the shifts and containers). What has no integer form stays
 in float and is named in the layer's report: weights on non-uniform grids (e.g. APoT) become
 their fake-quantized float values; activations on non-uniform grids become a nearest-level
