@@ -231,12 +231,8 @@ def load_packed(model: nn.Module, path: str | Path) -> nn.Module:
         codes = unpack_bits(tensors[key + CODES], record["width"], count) + record["qmin"]
         codes = codes.reshape(record["shape"]).to(layer.weight.dtype)
         with torch.no_grad():
-            saved_grid = dataclasses.replace(
-                layer.weight_quantizer.grid(),
-                scale=tensors[key + SCALE],
-                zero_point=tensors[key + ZERO_POINT],
-            )
-            weight = _rebuild_weight(layer, key, codes, record, saved_grid)
+            saved = (tensors[key + SCALE], tensors[key + ZERO_POINT])
+            weight = _rebuild_weight(layer, key, codes, record, saved)
             if layer._pinned_weight is None:
                 layer.weight.copy_(weight)
     return model
@@ -274,7 +270,7 @@ def _check_keys(model: nn.Module, state: dict[str, Tensor], records: dict) -> No
 
 @torch.no_grad()
 def _rebuild_weight(
-    layer: QuantizedLayer, key: str, codes: Tensor, record: dict, saved_grid: QuantGrid
+    layer: QuantizedLayer, key: str, codes: Tensor, record: dict, saved: tuple[Tensor, Tensor]
 ) -> Tensor:
     """A float weight whose fake-quantized value has the saved SHA-256 (see the module doc).
 
@@ -301,7 +297,8 @@ def _rebuild_weight(
     exact = grid.dequantize(codes)
     if _digest(exact) == record["sha256"]:
         layer.weight.copy_(fallback)
-        form = weight_form(codes, saved_grid)  # the saved model's integer form, exactly
+        # the saved model's integer form, exactly: the codes on the saved scale and zero point
+        form = weight_form(codes, dataclasses.replace(grid, scale=saved[0], zero_point=saved[1]))
         integer = None if isinstance(form, str) else integer_weight(form, exact.dtype)
         layer.pin_quantized_weight(exact, integer)
         return fallback

@@ -37,6 +37,7 @@ from ..quant import QuantConv2d, QuantGrid, QuantizedLayer, Quantizer, QuantLine
 from ..quant.base import broadcast_channels
 from ..quant.batchnorm import AffineBatchNorm2d, ChannelAffine
 from ..quant.policy import FLOAT_BITS
+from ..quant.prepare import replace_module
 from .integer import (
     CONTAINERS,
     ActivationForm,
@@ -379,10 +380,10 @@ def build_export_view(
         reports.append(twin.report)
         if not name:
             return twin, reports
-        _replace_module(view, name, twin)
+        replace_module(view, name, twin)
     for name, module in list(view.named_modules()):
         if isinstance(module, AffineBatchNorm2d):
-            _replace_module(view, name, _batchnorm_export(module, integer_sums))
+            replace_module(view, name, _batchnorm_export(module, integer_sums))
     return view, reports
 
 
@@ -395,9 +396,3 @@ def _batchnorm_export(bn: AffineBatchNorm2d, integer_sums: bool) -> nn.Module:
     plain = nn.BatchNorm2d(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
     plain.load_state_dict(bn.state_dict())
     return plain.eval()
-
-
-def _replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)

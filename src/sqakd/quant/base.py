@@ -197,24 +197,11 @@ class Quantizer(nn.Module):
         zero point (integer-valued floats) and the output scale, so that ``deployed_forward(x)
         == (q - z) * scale``; ``None`` without a uniform per-tensor grid, or when the output
         zero point is fractional (a float shift follows the dequantization)."""
-        from ..export.integer import CONTAINERS, activation_form  # export builds on quant
-
-        form = activation_form(self.grid())
-        if isinstance(form, str) or form.post_shift:
+        deployed = self._deployed_codes(x)
+        if deployed is None or deployed[0].post_shift:
             return None
-        lowest, highest, _ = CONTAINERS[form.container]
-        codes = self._deployed_codes(x, form, lowest, highest)
-        return codes - form.dq_zero_point.float(), form.dq_scale
-
-    @staticmethod
-    def _deployed_codes(x: Tensor, form, lowest: int, highest: int) -> Tensor:  # type: ignore[no-untyped-def]
-        """``clamp(round(clip(x + shift) / scale) + zero point)``, as ``QuantizeLinear``."""
-        if form.pre_shift:
-            x = x + form.pre_shift
-        if form.clip is not None:
-            x = torch.clamp(x, form.clip[0], form.clip[1])
-        codes = torch.round(x / form.q_scale) + form.q_zero_point.float()
-        return torch.clamp(codes, lowest, highest)
+        form, centred = deployed
+        return centred, form.dq_scale
 
     @torch.no_grad()
     def deployed_forward(self, x: Tensor) -> Tensor | None:
@@ -225,15 +212,31 @@ class Quantizer(nn.Module):
         and ONNX Runtime agree bit for bit on the codes: the method's own formula (``x * n / w +
         b`` for EWGS, say) gives the same codes except where rounding one way or the other
         decides a tie, and a deep low-bit network can amplify those few differences."""
+        deployed = self._deployed_codes(x)
+        if deployed is None:
+            return None
+        form, centred = deployed
+        out = centred * form.dq_scale
+        return out + form.post_shift if form.post_shift else out
+
+    def _deployed_codes(self, x: Tensor):  # type: ignore[no-untyped-def]
+        """``(form, q - z)``: the grid's activation form and ``clamp(round(clip(x + shift) /
+        scale) + zero point) - output zero point``, as ``QuantizeLinear`` and
+        ``DequantizeLinear`` compute the codes; ``None`` for a grid with no such form."""
         from ..export.integer import CONTAINERS, activation_form  # export builds on quant
 
         form = activation_form(self.grid())
         if isinstance(form, str):
             return None
         lowest, highest, _ = CONTAINERS[form.container]
-        codes = self._deployed_codes(x, form, lowest, highest)
-        out = (codes - form.dq_zero_point.float()) * form.dq_scale
-        return out + form.post_shift if form.post_shift else out
+        if form.pre_shift:
+            x = x + form.pre_shift
+        if form.clip is not None:
+            x = torch.clamp(x, form.clip[0], form.clip[1])
+        codes = torch.clamp(
+            torch.round(x / form.q_scale) + form.q_zero_point.float(), lowest, highest
+        )
+        return form, codes - form.dq_zero_point.float()
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[override]
         """A per-channel range is 0-d until initialisation gives it shape (C,): adopt the stored

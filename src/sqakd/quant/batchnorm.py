@@ -46,10 +46,8 @@ class AffineBatchNorm2d(nn.BatchNorm2d):
         assert self.running_var is not None and self.running_mean is not None
         inverse_std = 1.0 / torch.sqrt(self.running_var + self.eps)
         alpha = inverse_std * self.weight if self.weight is not None else inverse_std
-        beta = -self.running_mean * alpha
-        if self.bias is not None:
-            beta = self.bias - self.running_mean * alpha
-        return alpha, beta
+        shift = self.running_mean * alpha
+        return alpha, (-shift if self.bias is None else self.bias - shift)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.training or self.running_var is None or not self.quantization_enabled:

@@ -53,6 +53,16 @@ class QuantizedLayer(nn.Module):
         self._pinned_weight = (values.detach().clone(), self.weight._version)
         self._pinned_integer = integer
 
+    def _live_pin(self) -> Tensor | None:
+        """The pinned weight values, or ``None`` (dropping a pin the weight has outdated)."""
+        if self._pinned_weight is None:
+            return None
+        values, version = self._pinned_weight
+        if version == self.weight._version and values.shape == self.weight.shape:
+            return values
+        self._pinned_weight = self._pinned_integer = None
+        return None
+
     def _float_forward(self, x: Tensor, weight: Tensor) -> Tensor:
         return self._float_op(x, weight, self.bias)
 
@@ -69,11 +79,9 @@ class QuantizedLayer(nn.Module):
         """The weight as the quantized layer uses it (the float weight when not quantized)."""
         if self.weight_quantizer is None or not self.quantization_enabled:
             return self.weight
-        if self._pinned_weight is not None:
-            values, version = self._pinned_weight
-            if version == self.weight._version and values.shape == self.weight.shape:
-                return values.to(self.weight.device)
-            self._pinned_weight = None
+        pinned = self._live_pin()
+        if pinned is not None:
+            return pinned.to(self.weight.device)
         if not self.weight_quantizer.training and not torch.is_grad_enabled():
             return self.deployed_weight()
         return self.weight_quantizer(self.weight)
@@ -146,13 +154,13 @@ class QuantizedLayer(nn.Module):
         wq, aq = self.weight_quantizer, self.act_quantizer
         if wq is None or aq is None or wq.training or aq.training:
             return None
+        integer_weight = self.integer_weight()
+        if integer_weight is None:
+            return None
         codes = aq.deployed_integer(x)
         if codes is None:
             return None
         x_int, x_scale = codes
-        integer_weight = self.integer_weight()
-        if integer_weight is None:
-            return None
         w_int, w_scale = integer_weight
         out = self._float_op(x_int, w_int, None)
         shape = [1] * out.dim()
@@ -163,11 +171,7 @@ class QuantizedLayer(nn.Module):
     def integer_weight(self) -> tuple[Tensor, Tensor] | None:
         """``(codes - zero_point, scale)`` of the deployed weight (integer-valued float codes,
         scale 0-d or per output channel), or ``None`` without such a form."""
-        quantizer = self.weight_quantizer
-        assert quantizer is not None
-        if self._pinned_weight is not None:
-            self.quantized_weight()  # drops the pin if the weight has changed since
-        if self._pinned_weight is not None:  # loaded packed: the saved integer form
+        if self._live_pin() is not None:  # loaded packed: the saved integer form
             integer = self._pinned_integer
             if integer is None:
                 return None

@@ -176,7 +176,7 @@ def prepare(
         weight_q = _make(decision.weight_method, decision.weight_bits, "weight", policy)
         act_q = _make(decision.act_method, decision.act_bits, "activation", policy)
         layer = twin.from_float(float_layer, weight_q, act_q).to(float_layer.weight.device)
-        _replace(prepared, decision.name, layer)
+        replace_module(prepared, decision.name, layer)
     if any(decision.quantized for decision in decisions):
         _use_affine_batchnorm(prepared)
     return prepared
@@ -187,7 +187,7 @@ def _use_affine_batchnorm(model: nn.Module) -> None:
     inference arithmetic the exported graph repeats exactly."""
     for name, module in list(model.named_modules()):
         if type(module) is nn.BatchNorm2d:
-            _replace(model, name, AffineBatchNorm2d.from_float(module))
+            replace_module(model, name, AffineBatchNorm2d.from_float(module))
 
 
 def _make(method: str | None, bits: int, role: str, policy: QuantPolicy) -> Quantizer | None:
@@ -199,7 +199,8 @@ def _make(method: str | None, bits: int, role: str, policy: QuantPolicy) -> Quan
     return build_quantizer(method, bits, role, per_channel=per_channel, **options)
 
 
-def _replace(model: nn.Module, name: str, layer: nn.Module) -> None:
+def replace_module(model: nn.Module, name: str, layer: nn.Module) -> None:
+    """Put ``layer`` at qualified ``name`` in ``model`` (module replacement, no tracing)."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, layer)
