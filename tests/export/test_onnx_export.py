@@ -92,7 +92,7 @@ def test_weights_are_stored_as_integer_codes(small_net, cifar_batch, tmp_path, m
         # integer sums: the codes enter the op as integers (unit scale); the op's output is
         # multiplied by input scale x weight scale, which PyTorch's eval forward uses too
         np.testing.assert_array_equal(unit, np.ones_like(unit))
-        integer, scale = layer.integer_weight()
+        integer, scale, _ = layer.integer_weight()
         shape = (-1,) + (1,) * (codes.ndim - 1) if scale.dim() else ()
         zero_point = zero.reshape(shape).astype(np.float32)
         np.testing.assert_array_equal(codes.astype(np.float32) - zero_point, integer.numpy())
@@ -310,3 +310,26 @@ def test_folded_batchnorm_scales_the_float_convolution(small_net, cifar_batch, t
     np.testing.assert_allclose(weight, expected.numpy(), rtol=1e-6, atol=1e-7)
     expected_bias = (norm.bias - norm.running_mean * factor).detach().numpy()
     np.testing.assert_allclose(bias, expected_bias, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("method", ["dsq", "lsq+"])
+def test_fractional_zero_points_export_as_exact_integer_sums(
+    small_net, cifar_batch, tmp_path, method
+):
+    """Trained DSQ and LSQ+ ranges leave fractional zero points: a float shift after the input's
+    dequantization, a float offset on DSQ's weights. Both become exact extra terms of the
+    integer sums (sqakd.quant.integer_sums), so every layer, run in ONNX Runtime on PyTorch's
+    input to it, reproduces PyTorch's output bit for bit."""
+    images, _ = cifar_batch
+    model = quantize(small_net(), images, method, 4, 4, first_last="same")
+    with torch.no_grad():  # move every range's lower end by a fraction of a step
+        for name, parameter in model.named_parameters():
+            if name.endswith((".lower", ".offset")):
+                parameter.add_(0.0137 * (1 + torch.rand_like(parameter)))
+    report = export_onnx(model, tmp_path / "m.onnx", (1, 3, 32, 32))
+    notes = [note for layer in report.layers for note in layer.notes]
+    assert sum("exact terms for the input shift" in note for note in notes) == 4
+    assert sum("weight offset" in note for note in notes) == (4 if method == "dsq" else 0)
+    check = verify_onnx(tmp_path / "m.onnx", model, images, per_layer=True)
+    assert set(check.per_layer.values()) == {0.0}, str(check)
+    assert check.agreement == 1.0, str(check)

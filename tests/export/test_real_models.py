@@ -92,16 +92,9 @@ def test_mobilenetv2(mobilenetv2_state, cifar_batch, tmp_path, method, weight_bi
     )
 
 
-NO_INTEGER_SUMS = pytest.mark.xfail(
-    reason="DSQ's fractional activation output zero point has no integer-sums form: its layers "
-    "dequantize first (97.3 % at W8A8)",
-    strict=False,
-)
 #: every quantizer but the fixed-bit weight-only ones (binary, ternary: 8-bit edges do not apply)
 EDGE_CASES = [
-    pytest.param(*case, marks=NO_INTEGER_SUMS) if case[0] == "dsq" else case
-    for case in MOBILENET_CASES
-    if not (isinstance(case, tuple) and case[0] in WEIGHT_ONLY)
+    case for case in MOBILENET_CASES if not (isinstance(case, tuple) and case[0] in WEIGHT_ONLY)
 ]
 
 

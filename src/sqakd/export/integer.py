@@ -31,6 +31,7 @@ from torch import Tensor
 
 from ..quant import QuantGrid, QuantizedLayer, Quantizer
 from ..quant.base import broadcast_channels
+from ..quant.integer_sums import IntegerWeight
 
 #: integer container -> (lowest, highest, torch dtype)
 CONTAINERS: dict[str, tuple[int, int, torch.dtype]] = {
@@ -107,14 +108,12 @@ def weight_codes(quantizer: Quantizer, weight: Tensor) -> tuple[Tensor, Tensor]:
 
 
 @torch.no_grad()
-def deployed_weight(
-    quantizer: Quantizer, weight: Tensor
-) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+def deployed_weight(quantizer: Quantizer, weight: Tensor) -> tuple[Tensor, IntegerWeight | None]:
     """``(values, integer)``: ``weight`` quantized as the exported model computes it, ``(codes -
-    zero_point) * scale`` from its :class:`WeightForm`, operation for operation like ONNX
-    ``DequantizeLinear`` (the forward's own values where the grid has no integer form); and
-    ``(codes - zero_point, scale)``, the integer-valued codes as floats and the scale (0-d or
-    per output channel), or ``None`` when there is no integer form or it needs a float offset."""
+    zero_point) * scale [+ offset]`` from its :class:`WeightForm`, operation for operation like
+    ONNX ``DequantizeLinear`` (the forward's own values where the grid has no integer form); and
+    the same as :class:`~sqakd.quant.integer_sums.IntegerWeight`, or ``None`` when there is no
+    integer form (non-uniform levels)."""
     codes, values = weight_codes(quantizer, weight)
     form = weight_form(codes, quantizer.grid())
     if isinstance(form, str):
@@ -122,14 +121,12 @@ def deployed_weight(
     return form.dequantize().to(values.dtype), integer_weight(form, values.dtype)
 
 
-def integer_weight(form: WeightForm, dtype: torch.dtype) -> tuple[Tensor, Tensor] | None:
-    """``(codes - zero_point, scale)`` of ``form`` as ``dtype``, or ``None`` when the form needs
-    a float offset."""
-    if form.offset is not None:
-        return None
+def integer_weight(form: WeightForm, dtype: torch.dtype) -> IntegerWeight:
+    """``form`` as ``codes - zero_point`` (integer-valued, as ``dtype``), scale and offset."""
     zero_point = broadcast_channels(form.zero_point, form.codes, form.axis or 0)
     integer = (form.codes.float() - zero_point.float()).to(dtype)
-    return integer, form.scale.to(dtype)
+    offset = None if form.offset is None else form.offset.to(dtype)
+    return IntegerWeight(integer, form.scale.to(dtype), offset)
 
 
 def _level_spacing(grid: QuantGrid, like: Tensor) -> Tensor:

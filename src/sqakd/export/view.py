@@ -36,6 +36,14 @@ from torch import Tensor, nn
 from ..quant import QuantConv2d, QuantGrid, QuantizedLayer, Quantizer, QuantLinear, quantized_layers
 from ..quant.base import broadcast_channels
 from ..quant.batchnorm import AffineBatchNorm2d, ChannelAffine
+from ..quant.integer_sums import (
+    IntegerWeight,
+    channel_shaped,
+    expand_groups,
+    integer_sums,
+    sum_constants,
+    window_kernel,
+)
 from ..quant.policy import FLOAT_BITS
 from ..quant.prepare import replace_module
 from .integer import (
@@ -110,6 +118,26 @@ FLOAT_OPS: dict[type[QuantizedLayer], Callable[[nn.Module], FloatOp]] = {
     QuantLinear: _linear_op,
 }
 
+#: ``window(t, kernel)``: the op with an all-ones kernel (one output per group), broadcastable
+#: over the output channels (see :mod:`sqakd.quant.integer_sums`)
+WindowOp = Callable[[Tensor, Tensor], Tensor]
+
+
+def _conv_window(layer: nn.Module) -> WindowOp:
+    op, out_channels = _conv_op(layer), layer.weight.shape[0]
+    return lambda x, kernel: expand_groups(op(x, kernel, None), out_channels)
+
+
+def _linear_window(layer: nn.Module) -> WindowOp:
+    return lambda x, kernel: F.linear(x, kernel)
+
+
+#: quantized layer type -> its window sums, for a weight with a float offset
+WINDOW_OPS: dict[type[QuantizedLayer], Callable[[nn.Module], WindowOp]] = {
+    QuantConv2d: _conv_window,
+    QuantLinear: _linear_window,
+}
+
 
 @dataclass
 class LayerExport:
@@ -144,6 +172,8 @@ class ExportedLayer(nn.Module):
     def __init__(self, name: str, layer: QuantizedLayer, integer_sums: bool = True) -> None:
         super().__init__()
         self.op = FLOAT_OPS[type(layer)](layer)
+        self.window_op = WINDOW_OPS[type(layer)](layer)
+        self.groups = getattr(layer, "groups", 1)
         self.register_buffer("bias", None if layer.bias is None else layer.bias.detach().clone())
         wq = layer.weight_quantizer if layer.quantization_enabled else None
         aq = layer.act_quantizer if layer.quantization_enabled else None
@@ -187,6 +217,7 @@ class ExportedLayer(nn.Module):
         self.register_buffer("weight_float", None)
         self.weight_codes, self.weight_scale = form.codes, form.scale
         self.weight_zero_point, self.weight_axis = form.zero_point, form.axis
+        self.register_buffer("weight_channel_offset", form.offset)
         if form.offset is not None:
             offset = broadcast_channels(form.offset, form.codes, form.axis or 0)
             self.register_buffer("weight_offset", offset.clone())
@@ -247,24 +278,32 @@ class ExportedLayer(nn.Module):
 
     def _set_integer_sums(self, enabled: bool) -> None:
         """Run the op on integer codes and scale afterwards where the forms allow it, exactly as
-        :meth:`sqakd.quant.QuantizedLayer.integer_forward` does in PyTorch."""
-        self.register_buffer("integer_scale", None)
+        :meth:`sqakd.quant.QuantizedLayer.integer_forward` does in PyTorch: the same constants
+        (:func:`~sqakd.quant.integer_sums.sum_constants`), the same terms in the same order."""
+        self.sums = None
         form = self.act
-        if (
-            not enabled
-            or form is None
-            or form.post_shift
-            or self.weight_codes is None
-            or getattr(self, "weight_offset", None) is not None
-        ):
+        if not enabled or form is None or self.weight_codes is None:
             return
-        product = form.dq_scale * self.weight_scale
-        shape = [1, -1] + [1] * (self.weight_codes.dim() - 2) if product.dim() else []
-        self.integer_scale = product.reshape(shape)
+        weight = IntegerWeight(self.weight_codes, self.weight_scale, self.weight_channel_offset)
+        spatial_dims = self.weight_codes.dim() - 2
+        self.sums = sum_constants(form.dq_scale, form.post_shift, weight, spatial_dims)
+        self.register_buffer("sums_bias", channel_shaped(self.bias, spatial_dims))
+        for key, value in vars(self.sums).items():  # buffers: the graph's initializers
+            self.register_buffer(f"sums_{key}", value)
         self.register_buffer("unit_scale", torch.ones_like(self.weight_scale))
         self.register_buffer("act_unit_scale", torch.ones_like(form.dq_scale))
+        if self.sums.weight_offset is not None:  # int8 ones, dequantized like the weight codes
+            ones = window_kernel(self.weight_codes, self.groups)
+            self.register_buffer("window_codes", ones.to(torch.int8))
+            self.register_buffer("window_zero_point", torch.tensor(0, dtype=torch.int8))
+        terms = [
+            "input shift" if form.post_shift else "",
+            "weight offset" if self.sums.weight_offset is not None else "",
+        ]
+        extra = " and ".join(t for t in terms if t)
         self.report.notes.append(
             "integer sums: the op runs on the codes, then x (input scale * weight scale)"
+            + (f", plus exact terms for the {extra}" if extra else "")
         )
 
     def input_codes(self, x: Tensor, form: ActivationForm) -> Tensor:
@@ -276,16 +315,31 @@ class ExportedLayer(nn.Module):
         return QuantizeLinear.apply(x, self.act_q_scale, self.act_q_zero_point)
 
     def integer_forward(self, x: Tensor) -> Tensor:
-        assert self.act is not None
+        assert self.act is not None and self.sums is not None
         codes = self.input_codes(x, self.act)
         x_int = DequantizeLinear.apply(codes, self.act_unit_scale, self.act_dq_zero_point, None)
         w_int = DequantizeLinear.apply(
             self.weight_codes, self.unit_scale, self.weight_zero_point, self.weight_axis
         )
-        out = self.op(x_int, w_int, None) * self.integer_scale
-        if self.bias is None:
-            return out
-        return out + self.bias.reshape([1, -1] + [1] * (out.dim() - 2))
+        return integer_sums(
+            lambda x, w: self.op(x, w, None),
+            self._window,
+            x_int,
+            w_int,
+            self._constants(),
+            self.sums_bias,
+        )
+
+    def _constants(self):  # type: ignore[no-untyped-def]
+        """The sum constants as this module's buffers (so that they follow ``.to(device)``)."""
+        assert self.sums is not None
+        return type(self.sums)(**{key: getattr(self, f"sums_{key}") for key in vars(self.sums)})
+
+    def _window(self, x: Tensor) -> Tensor:
+        kernel = DequantizeLinear.apply(
+            self.window_codes, self.act_unit_scale, self.window_zero_point, None
+        )
+        return self.window_op(x, kernel)
 
     def quantize_input(self, x: Tensor) -> Tensor:
         if self.act_traced is not None:
@@ -302,7 +356,7 @@ class ExportedLayer(nn.Module):
         return x
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.integer_scale is not None:
+        if self.sums is not None:
             return self.integer_forward(x)
         return self.op(self.quantize_input(x), self.weight(), self.bias)
 

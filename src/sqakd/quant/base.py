@@ -20,6 +20,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from .integer_sums import IntegerInput
+
 Role = Literal["weight", "activation"]
 MIN_BITS, MAX_BITS = 1, 8
 
@@ -192,16 +194,16 @@ class Quantizer(nn.Module):
         return self.quantize(x)
 
     @torch.no_grad()
-    def deployed_integer(self, x: Tensor) -> tuple[Tensor, Tensor] | None:
-        """``(q - z, scale)``: the activation codes of :meth:`deployed_forward` minus the output
-        zero point (integer-valued floats) and the output scale, so that ``deployed_forward(x)
-        == (q - z) * scale``; ``None`` without a uniform per-tensor grid, or when the output
-        zero point is fractional (a float shift follows the dequantization)."""
+    def deployed_integer(self, x: Tensor) -> IntegerInput | None:
+        """:meth:`deployed_forward` as ``codes * scale + shift``: the activation codes minus the
+        output zero point's integer part (integer-valued floats), the output scale and the float
+        shift of a fractional output zero point (0.0 when it is whole); ``None`` without a
+        uniform per-tensor grid."""
         deployed = self._deployed_codes(x)
-        if deployed is None or deployed[0].post_shift:
+        if deployed is None:
             return None
         form, centred = deployed
-        return centred, form.dq_scale
+        return IntegerInput(centred, form.dq_scale, form.post_shift)
 
     @torch.no_grad()
     def deployed_forward(self, x: Tensor) -> Tensor | None:

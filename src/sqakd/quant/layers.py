@@ -15,6 +15,14 @@ from torch import Tensor, nn
 
 from .base import Quantizer
 from .batchnorm import AffineBatchNorm2d
+from .integer_sums import (
+    IntegerWeight,
+    channel_shaped,
+    expand_groups,
+    integer_sums,
+    sum_constants,
+    window_kernel,
+)
 
 
 class QuantizedLayer(nn.Module):
@@ -32,14 +40,12 @@ class QuantizedLayer(nn.Module):
         self.quantization_enabled = True
         self.register_buffer("calibrated", torch.tensor(False))
         self._pinned_weight: tuple[Tensor, int] | None = None
-        self._pinned_integer: tuple[Tensor, Tensor] | None = None
-        self._deployed_weight: (
-            tuple[tuple, list[Tensor], Tensor, tuple[Tensor, Tensor] | None] | None
-        ) = None
+        self._pinned_integer: IntegerWeight | None = None
+        self._deployed_weight: tuple[tuple, list[Tensor], Tensor, IntegerWeight | None] | None = (
+            None
+        )
 
-    def pin_quantized_weight(
-        self, values: Tensor, integer: tuple[Tensor, Tensor] | None = None
-    ) -> None:
+    def pin_quantized_weight(self, values: Tensor, integer: IntegerWeight | None = None) -> None:
         """Use ``values`` as the quantized weight until ``self.weight`` changes.
 
         Loading packed weights needs this for quantizers whose forward recomputes a statistic of
@@ -47,7 +53,7 @@ class QuantizedLayer(nn.Module):
         statistic can differ from the saved one in the last float bit. The pin holds the exact
         saved values; any in-place change of the weight (an optimizer step, ``load_state_dict``,
         ``copy_``) bumps the weight's version counter and drops the pin, so training always
-        sees the live quantizer. ``integer`` is the saved ``(codes - zero_point, scale)`` for
+        sees the live quantizer. ``integer`` is the saved integer form for
         :meth:`integer_forward` (``None``: the pinned values in the float forward).
         """
         self._pinned_weight = (values.detach().clone(), self.weight._version)
@@ -146,36 +152,48 @@ class QuantizedLayer(nn.Module):
     def integer_forward(self, x: Tensor) -> Tensor | None:
         """Inference on integer codes, as the exported graph computes it: the op (convolution,
         matrix product) on the input codes ``q - z`` and the weight codes, both integer-valued
-        floats, then ``* (input scale * weight scale)`` per output channel, then ``+ bias``.
-        Sums of integers are exact in float32 (below 2^24), so the result does not depend on
-        the order in which a runtime sums, and PyTorch and ONNX Runtime agree bit for bit.
-        ``None`` where a grid has no such form (non-uniform levels, a fractional output zero
-        point, a weight offset): the caller then runs the fake-quantized float forward."""
+        floats, then ``* (input scale * weight scale)`` per output channel, plus the terms a
+        fractional input or weight zero point adds, then ``+ bias`` (see
+        :mod:`sqakd.quant.integer_sums`). Sums of integers are exact in float32 (below 2^24),
+        so the result does not depend on the order in which a runtime sums, and PyTorch and
+        ONNX Runtime agree bit for bit. ``None`` where a grid has no integer form (non-uniform
+        levels, a per-channel activation grid): the caller then runs the fake-quantized float
+        forward."""
         wq, aq = self.weight_quantizer, self.act_quantizer
         if wq is None or aq is None or wq.training or aq.training:
             return None
-        integer_weight = self.integer_weight()
-        if integer_weight is None:
+        weight = self.integer_weight()
+        if weight is None:
             return None
         codes = aq.deployed_integer(x)
         if codes is None:
             return None
-        x_int, x_scale = codes
-        w_int, w_scale = integer_weight
-        out = self._float_op(x_int, w_int, None)
-        shape = [1] * out.dim()
-        shape[1] = -1
-        out = out * (x_scale * w_scale).reshape(shape if w_scale.dim() else [])
-        return out if self.bias is None else out + self.bias.reshape(shape)
+        spatial_dims = self.weight.dim() - 2
+        constants = sum_constants(codes.scale, codes.shift, weight, spatial_dims)
+        return integer_sums(
+            lambda x, w: self._float_op(x, w, None),
+            self._window_sums,
+            codes.codes,
+            weight.codes,
+            constants,
+            channel_shaped(self.bias, spatial_dims),
+        )
 
-    def integer_weight(self) -> tuple[Tensor, Tensor] | None:
-        """``(codes - zero_point, scale)`` of the deployed weight (integer-valued float codes,
-        scale 0-d or per output channel), or ``None`` without such a form."""
+    def _window_sums(self, x: Tensor) -> Tensor:
+        """``x`` summed over each output's receptive field (the op with an all-ones kernel)."""
+        raise NotImplementedError
+
+    def integer_weight(self) -> IntegerWeight | None:
+        """The deployed weight as ``codes * scale + offset`` (integer-valued float codes minus
+        the zero point; scale and offset 0-d or per output channel), or ``None`` without an
+        integer form."""
         if self._live_pin() is not None:  # loaded packed: the saved integer form
             integer = self._pinned_integer
             if integer is None:
                 return None
-            return integer[0].to(self.weight.device), integer[1].to(self.weight.device)
+            return IntegerWeight(
+                *(None if t is None else t.to(self.weight.device) for t in integer)
+            )
         self.deployed_weight()
         assert self._deployed_weight is not None
         return self._deployed_weight[3]
@@ -220,6 +238,10 @@ class QuantConv2d(QuantizedLayer, nn.Conv2d):
     def _float_op(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         return self._conv_forward(x, weight, bias)
 
+    def _window_sums(self, x: Tensor) -> Tensor:
+        sums = self._conv_forward(x, window_kernel(self.weight, self.groups), None)
+        return expand_groups(sums, self.out_channels)
+
 
 class QuantLinear(QuantizedLayer, nn.Linear):
     """``nn.Linear`` with fake-quantized weight and input."""
@@ -253,6 +275,9 @@ class QuantLinear(QuantizedLayer, nn.Linear):
 
     def _float_op(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         return F.linear(x, weight, bias)
+
+    def _window_sums(self, x: Tensor) -> Tensor:
+        return F.linear(x, window_kernel(self.weight))
 
 
 #: float layer type -> its quantized twin; prepare() swaps exactly these
