@@ -148,3 +148,26 @@ def test_the_export_view_computes_bit_for_bit_what_pytorch_computes(method):
     x = torch.randn(5, 3, 6, 6)
     with torch.no_grad():
         assert torch.equal(view(x), model(x))
+
+
+def test_a_linear_layer_on_a_sequence_runs_integer_sums():
+    """A token sequence ``(batch, tokens, features)`` with per-channel weights: the per-channel
+    constants and the bias broadcast over the last axis, not axis 1."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 5), nn.ReLU(), nn.Linear(5, 3))
+    policy = QuantPolicy(
+        method="lsq", weight_bits=4, act_bits=4, first_last="same", per_channel_weights=True
+    )
+    prepared = prepare(model, policy)
+    x = torch.randn(2, 7, 8)
+    calibrate(prepared, [x])
+    prepared.eval()
+    layer = quantized_layers(prepared)[0][1]
+    assert layer.integer_weight().scale.shape == (5,)
+    with torch.no_grad():
+        assert layer.integer_forward(x) is not None
+        integer = prepared(x)
+    with torch.enable_grad():
+        fake = prepared(x).detach()
+    assert integer.shape == (2, 7, 3)
+    torch.testing.assert_close(integer, fake, rtol=1e-5, atol=1e-5)
