@@ -12,9 +12,18 @@ from onnx import numpy_helper
 from torch import nn
 
 from sqakd.export import export_onnx, read_layer_metadata, verify_onnx
-from sqakd.quant import QuantConv2d, build_quantizer, quantized_layers
+from sqakd.quant import (
+    LayerOverride,
+    QuantConv2d,
+    QuantPolicy,
+    build_quantizer,
+    calibrate,
+    prepare,
+    quantized_layers,
+)
 from sqakd.quant.base import QuantGrid, Quantizer
 from sqakd.quant.batchnorm import AffineBatchNorm2d
+from sqakd.quant.float64_sums import Float64SumConv2d
 
 
 def run_onnx(path, images):
@@ -61,13 +70,22 @@ def integer_weight_of(proto, layer_output):
 
 
 def with_native_batchnorm(model: nn.Module) -> nn.Module:
-    """``model`` with every AffineBatchNorm2d turned back into PyTorch's own nn.BatchNorm2d."""
+    """``model`` with every AffineBatchNorm2d turned back into PyTorch's own nn.BatchNorm2d and
+    the float64-summed first convolution into a plain nn.Conv2d: a model as it would be without
+    sqakd's deployment arithmetic, whose batch norms the export folds into float convolutions."""
     for name, module in list(model.named_modules()):
         if isinstance(module, AffineBatchNorm2d):
             native = nn.BatchNorm2d(module.num_features, module.eps)
-            native.load_state_dict(module.state_dict())
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, native.eval())
+        elif isinstance(module, Float64SumConv2d):
+            native = nn.Conv2d(
+                module.in_channels, module.out_channels, module.kernel_size,
+                padding=module.padding, bias=module.bias is not None,
+            )  # fmt: skip
+        else:
+            continue
+        native.load_state_dict(module.state_dict())
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, native.eval())
     return model
 
 
@@ -333,3 +351,35 @@ def test_fractional_zero_points_export_as_exact_integer_sums(
     check = verify_onnx(tmp_path / "m.onnx", model, images, per_layer=True)
     assert set(check.per_layer.values()) == {0.0}, str(check)
     assert check.agreement == 1.0, str(check)
+
+
+def test_a_float_first_layer_sums_in_float64_in_both_runtimes(cifar_batch, tmp_path):
+    """The first convolution kept in float is summed in float64 by PyTorch's inference and by
+    the graph (im2col, MatMul in double): the codes it hands the quantized layer, and so the
+    model's output, are the same bits in ONNX Runtime. A plain float32 convolution instead
+    differs in the last bit on most outputs, which moves some codes."""
+    images, _ = cifar_batch
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3, padding=1))
+    policy = QuantPolicy(
+        method="lsq",
+        weight_bits=4,
+        act_bits=4,
+        overrides={"2": LayerOverride(weight_bits=4, act_bits=4)},
+    )
+    prepared = prepare(model, policy)
+    calibrate(prepared, [images[:64]])
+    prepared.eval()
+    report = export_onnx(prepared, tmp_path / "m.onnx", (1, 3, 32, 32))
+    assert any("0: float convolution summed in float64" in note for note in report.notes)
+    proto = onnx.load(tmp_path / "m.onnx")
+    assert "Conv" not in {node.op_type for node in proto.graph.node if node.name.startswith("/0/")}
+    with torch.no_grad():
+        expected = prepared(images).numpy()
+    np.testing.assert_array_equal(run_onnx(tmp_path / "m.onnx", images), expected)
+
+    native = with_native_batchnorm(prepared)
+    export_onnx(native, tmp_path / "native.onnx", (1, 3, 32, 32))
+    with torch.no_grad():
+        native_expected = native(images).numpy()
+    assert not np.array_equal(run_onnx(tmp_path / "native.onnx", images), native_expected)

@@ -82,7 +82,12 @@ def check_export(
 
 @pytest.mark.parametrize(("method", "weight_bits", "act_bits"), CASES)
 def test_resnet20(resnet20_state, cifar_batch, tmp_path, method, weight_bits, act_bits):
-    check_export("resnet20", resnet20_state, cifar_batch, tmp_path, method, weight_bits, act_bits)
+    """The briefly trained ResNet-20 is not chaotic: >= 99 % flat, with its float first and last
+    layers (measured: 99.67 % for PACT W8A8, 100 % in every other case)."""
+    _, check = check_export(
+        "resnet20", resnet20_state, cifar_batch, tmp_path, method, weight_bits, act_bits
+    )
+    assert check.agreement >= 0.99, str(check)
 
 
 @pytest.mark.parametrize(("method", "weight_bits", "act_bits"), MOBILENET_CASES)

@@ -23,6 +23,7 @@ from sqakd.quant import (
     quantizer_parameters,
     set_quantization,
 )
+from sqakd.quant.float64_sums import Float64SumConv2d
 
 ARCHITECTURES = ["resnet20", "vgg8", "mobilenetv2"]
 METHODS = [m for m in ("ewgs", "ste", "lsq") if m in available_quantizers()]
@@ -90,7 +91,8 @@ def test_default_plan_keeps_first_and_last_in_float_and_quantizes_every_other_la
     assert type(model.get_submodule(last)) is nn.Linear
 
     student = prepare(model, policy)
-    assert type(student.get_submodule(first)) is nn.Conv2d
+    # still a float nn.Conv2d; in inference it sums in float64, as the exported graph does
+    assert type(student.get_submodule(first)) is Float64SumConv2d
     assert type(student.get_submodule(last)) is nn.Linear
     layers = dict(quantized_layers(student))
     assert set(layers) == set(names) - {first, last}

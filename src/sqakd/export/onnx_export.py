@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..quant.float64_sums import Float64SumConvExport
 from ._optional import require
 from .batchnorm import fold_batchnorm as fold_batchnorm_pass
 from .integer_graph import prepare_integer_kernels
@@ -112,7 +113,12 @@ def export_onnx(
             f"opset must be {MIN_OPSET}..{onnx.defs.onnx_opset_version()}, got {opset!r}"
         )
     view, layers = build_export_view(model, integer_sums=not integer_kernels)
-    notes = []
+    notes = [
+        f"{name}: float convolution summed in float64 (im2col, MatMul in double, Cast), as "
+        f"PyTorch's inference does"
+        for name, module in view.named_modules()
+        if isinstance(module, Float64SumConvExport)
+    ]
     target_opset = opset
     int16_layers = [layer.name for layer in layers if layer.weight_container == "int16"]
     if int16_layers and opset < INT16_MIN_OPSET:

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from ..quant import QuantConv2d, QuantGrid, QuantizedLayer, Quantizer, QuantLinear, quantized_layers
 from ..quant.base import broadcast_channels
 from ..quant.batchnorm import AffineBatchNorm2d, ChannelAffine
+from ..quant.float64_sums import Float64SumConv2d, Float64SumConvExport
 from ..quant.integer_sums import (
     IntegerWeight,
     channel_shaped,
@@ -438,7 +439,22 @@ def build_export_view(
     for name, module in list(view.named_modules()):
         if isinstance(module, AffineBatchNorm2d):
             replace_module(view, name, _batchnorm_export(module, integer_sums))
+        elif isinstance(module, Float64SumConv2d):
+            replace_module(view, name, _float64_sum_export(module, integer_sums))
     return view, reports
+
+
+def _float64_sum_export(conv: Float64SumConv2d, integer_sums: bool) -> nn.Module:
+    """What a :class:`Float64SumConv2d` exports as: its float64 sums written out, or a plain
+    ``nn.Conv2d`` (``Conv`` in ONNX, which batch-norm folding and the integer kernels expect)."""
+    if integer_sums and conv.quantization_enabled:
+        return Float64SumConvExport(conv)
+    plain = nn.Conv2d(
+        conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+        conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode,
+    )  # fmt: skip
+    plain.load_state_dict(conv.state_dict())
+    return plain.eval()
 
 
 def _batchnorm_export(bn: AffineBatchNorm2d, integer_sums: bool) -> nn.Module:

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from .base import Quantizer
 from .batchnorm import AffineBatchNorm2d
+from .float64_sums import Float64SumConv2d
 from .integer_sums import (
     IntegerWeight,
     channel_shaped,
@@ -299,10 +300,11 @@ def quantizers(model: nn.Module) -> list[tuple[str, Quantizer]]:
 
 def set_quantization(model: nn.Module, enabled: bool) -> None:
     """Switch fake quantization on or off in every quantized layer, and the deployment
-    arithmetic of every :class:`~sqakd.quant.batchnorm.AffineBatchNorm2d` with it (off = the
-    float model, exactly)."""
+    arithmetic of every :class:`~sqakd.quant.batchnorm.AffineBatchNorm2d` and
+    :class:`~sqakd.quant.float64_sums.Float64SumConv2d` with it (off = the float model,
+    exactly)."""
     for module in model.modules():
-        if isinstance(module, (QuantizedLayer, AffineBatchNorm2d)):
+        if isinstance(module, (QuantizedLayer, AffineBatchNorm2d, Float64SumConv2d)):
             module.quantization_enabled = enabled
 
 

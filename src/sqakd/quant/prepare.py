@@ -10,6 +10,7 @@ from torch import nn
 
 from .base import Quantizer
 from .batchnorm import AffineBatchNorm2d
+from .float64_sums import Float64SumConv2d, can_sum_in_float64
 from .layers import QUANTIZED_TWINS, QuantizedLayer
 from .policy import FLOAT_BITS, QuantPolicy
 from .registry import build_quantizer, quantizer_class
@@ -163,7 +164,9 @@ def prepare(
     in float and appear in :func:`plan`'s table. When any layer is quantized, every
     ``nn.BatchNorm2d`` becomes an :class:`~sqakd.quant.batchnorm.AffineBatchNorm2d` (same
     parameters and training behaviour; in eval mode the affine ``x * alpha + beta`` that the
-    exported graph computes too).
+    exported graph computes too), and a first convolution kept in float becomes a
+    :class:`~sqakd.quant.float64_sums.Float64SumConv2d` (in inference, summed in float64 as the
+    exported graph does too).
     """
     policy = policy or QuantPolicy()
     decisions = plan(model, policy)
@@ -179,7 +182,20 @@ def prepare(
         replace_module(prepared, decision.name, layer)
     if any(decision.quantized for decision in decisions):
         _use_affine_batchnorm(prepared)
+        _sum_float_first_layer_in_float64(prepared, decisions)
     return prepared
+
+
+def _sum_float_first_layer_in_float64(model: nn.Module, decisions: QuantPlan) -> None:
+    """Swap the first layer, when the policy keeps it in float, for :class:`Float64SumConv2d`,
+    whose inference an exported graph repeats bit for bit (see :mod:`sqakd.quant.float64_sums`)."""
+    twins = {t.__name__ for t in QUANTIZED_TWINS}
+    first = next((d for d in decisions if d.kind in twins), None)
+    if first is None or first.quantized:
+        return
+    layer = model.get_submodule(first.name)
+    if can_sum_in_float64(layer):
+        replace_module(model, first.name, Float64SumConv2d.from_float(layer))
 
 
 def _use_affine_batchnorm(model: nn.Module) -> None:
