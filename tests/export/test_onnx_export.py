@@ -23,7 +23,7 @@ from sqakd.quant import (
 )
 from sqakd.quant.base import QuantGrid, Quantizer
 from sqakd.quant.batchnorm import AffineBatchNorm2d
-from sqakd.quant.float64_sums import Float64SumConv2d
+from sqakd.quant.float64_sums import Float64SumConv2d, conv2d_arguments
 
 
 def run_onnx(path, images):
@@ -77,10 +77,7 @@ def with_native_batchnorm(model: nn.Module) -> nn.Module:
         if isinstance(module, AffineBatchNorm2d):
             native = nn.BatchNorm2d(module.num_features, module.eps)
         elif isinstance(module, Float64SumConv2d):
-            native = nn.Conv2d(
-                module.in_channels, module.out_channels, module.kernel_size,
-                padding=module.padding, bias=module.bias is not None,
-            )  # fmt: skip
+            native = nn.Conv2d(**conv2d_arguments(module))
         else:
             continue
         native.load_state_dict(module.state_dict())

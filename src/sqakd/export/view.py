@@ -9,12 +9,15 @@ For a quantized layer with weight grid ``(scale, zero_point)`` and activation gr
                                -> DequantizeLinear(scale, zo) (+ post_shift)
     output: Conv / Gemm(input, weight, float bias)
 
-or, where the grids allow it (no output shift, no weight offset), the integer-sums form that
+or, where the grids are uniform (all but APoT's), the integer-sums form that
 :meth:`sqakd.quant.QuantizedLayer.integer_forward` computes in PyTorch: the op on
 ``DequantizeLinear(codes, 1, zero_point)`` of input and weight (integer-valued, exact sums), then
-``Mul(input scale * weight scale)`` and ``Add(bias)``; and each
+``Mul(input scale * weight scale)``, the exact terms of a fractional zero point
+(:mod:`sqakd.quant.integer_sums`) and ``Add(bias)``; and each
 :class:`~sqakd.quant.batchnorm.AffineBatchNorm2d` becomes ``Mul``/``Add`` with its constants
-(see :mod:`sqakd.export.integer` for the shifts and containers). What has no integer form stays
+(see :mod:`sqakd.export.integer` for the shifts and containers), and a first convolution kept in
+float (:class:`~sqakd.quant.float64_sums.Float64SumConv2d`) its float64 im2col form. What has no
+integer form stays
 in float and is named in the layer's report: weights on non-uniform grids (e.g. APoT) become
 their fake-quantized float values; activations on non-uniform grids become a nearest-level
 lookup (a binary search over the sorted levels: ``log2(levels)`` Gather/Greater/Where steps),
@@ -34,17 +37,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..quant import QuantConv2d, QuantGrid, QuantizedLayer, Quantizer, QuantLinear, quantized_layers
+from ..quant import integer_sums as sums
 from ..quant.base import broadcast_channels
 from ..quant.batchnorm import AffineBatchNorm2d, ChannelAffine
-from ..quant.float64_sums import Float64SumConv2d, Float64SumConvExport
-from ..quant.integer_sums import (
-    IntegerWeight,
-    channel_shaped,
-    expand_groups,
-    integer_sums,
-    sum_constants,
-    window_kernel,
-)
+from ..quant.float64_sums import Float64SumConv2d, Float64SumConvExport, conv2d_arguments
 from ..quant.policy import FLOAT_BITS
 from ..quant.prepare import replace_module
 from .integer import (
@@ -126,7 +122,7 @@ WindowOp = Callable[[Tensor, Tensor], Tensor]
 
 def _conv_window(layer: nn.Module) -> WindowOp:
     op, out_channels = _conv_op(layer), layer.weight.shape[0]
-    return lambda x, kernel: expand_groups(op(x, kernel, None), out_channels)
+    return lambda x, kernel: sums.expand_groups(op(x, kernel, None), out_channels)
 
 
 def _linear_window(layer: nn.Module) -> WindowOp:
@@ -281,25 +277,27 @@ class ExportedLayer(nn.Module):
         """Run the op on integer codes and scale afterwards where the forms allow it, exactly as
         :meth:`sqakd.quant.QuantizedLayer.integer_forward` does in PyTorch: the same constants
         (:func:`~sqakd.quant.integer_sums.sum_constants`), the same terms in the same order."""
-        self.sums = None
+        self.constants = None
         form = self.act
         if not enabled or form is None or self.weight_codes is None:
             return
-        weight = IntegerWeight(self.weight_codes, self.weight_scale, self.weight_channel_offset)
+        weight = sums.IntegerWeight(
+            self.weight_codes, self.weight_scale, self.weight_channel_offset
+        )
         spatial_dims = self.weight_codes.dim() - 2
-        self.sums = sum_constants(form.dq_scale, form.post_shift, weight, spatial_dims)
-        self.register_buffer("sums_bias", channel_shaped(self.bias, spatial_dims))
-        for key, value in vars(self.sums).items():  # buffers: the graph's initializers
+        self.constants = sums.sum_constants(form.dq_scale, form.post_shift, weight, spatial_dims)
+        self.register_buffer("sums_bias", sums.channel_shaped(self.bias, spatial_dims))
+        for key, value in vars(self.constants).items():  # buffers: the graph's initializers
             self.register_buffer(f"sums_{key}", value)
         self.register_buffer("unit_scale", torch.ones_like(self.weight_scale))
         self.register_buffer("act_unit_scale", torch.ones_like(form.dq_scale))
-        if self.sums.weight_offset is not None:  # int8 ones, dequantized like the weight codes
-            ones = window_kernel(self.weight_codes, self.groups)
+        if self.constants.weight_offset is not None:  # int8 ones, dequantized like the weight codes
+            ones = sums.window_kernel(self.weight_codes, self.groups)
             self.register_buffer("window_codes", ones.to(torch.int8))
             self.register_buffer("window_zero_point", torch.tensor(0, dtype=torch.int8))
         terms = [
             "input shift" if form.post_shift else "",
-            "weight offset" if self.sums.weight_offset is not None else "",
+            "weight offset" if self.constants.weight_offset is not None else "",
         ]
         extra = " and ".join(t for t in terms if t)
         self.report.notes.append(
@@ -316,13 +314,13 @@ class ExportedLayer(nn.Module):
         return QuantizeLinear.apply(x, self.act_q_scale, self.act_q_zero_point)
 
     def integer_forward(self, x: Tensor) -> Tensor:
-        assert self.act is not None and self.sums is not None
+        assert self.act is not None and self.constants is not None
         codes = self.input_codes(x, self.act)
         x_int = DequantizeLinear.apply(codes, self.act_unit_scale, self.act_dq_zero_point, None)
         w_int = DequantizeLinear.apply(
             self.weight_codes, self.unit_scale, self.weight_zero_point, self.weight_axis
         )
-        return integer_sums(
+        return sums.integer_sums(
             lambda x, w: self.op(x, w, None),
             self._window,
             x_int,
@@ -333,8 +331,10 @@ class ExportedLayer(nn.Module):
 
     def _constants(self):  # type: ignore[no-untyped-def]
         """The sum constants as this module's buffers (so that they follow ``.to(device)``)."""
-        assert self.sums is not None
-        return type(self.sums)(**{key: getattr(self, f"sums_{key}") for key in vars(self.sums)})
+        assert self.constants is not None
+        return type(self.constants)(
+            **{key: getattr(self, f"sums_{key}") for key in vars(self.constants)}
+        )
 
     def _window(self, x: Tensor) -> Tensor:
         kernel = DequantizeLinear.apply(
@@ -357,7 +357,7 @@ class ExportedLayer(nn.Module):
         return x
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.sums is not None:
+        if self.constants is not None:
             return self.integer_forward(x)
         return self.op(self.quantize_input(x), self.weight(), self.bias)
 
@@ -449,10 +449,7 @@ def _float64_sum_export(conv: Float64SumConv2d, integer_sums: bool) -> nn.Module
     ``nn.Conv2d`` (``Conv`` in ONNX, which batch-norm folding and the integer kernels expect)."""
     if integer_sums and conv.quantization_enabled:
         return Float64SumConvExport(conv)
-    plain = nn.Conv2d(
-        conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-        conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode,
-    )  # fmt: skip
+    plain = nn.Conv2d(**conv2d_arguments(conv))  # type: ignore[arg-type]
     plain.load_state_dict(conv.state_dict())
     return plain.eval()
 

@@ -23,6 +23,21 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+def conv2d_arguments(conv: nn.Conv2d) -> dict[str, object]:
+    """The ``nn.Conv2d`` constructor arguments that rebuild ``conv``'s shape and options."""
+    return dict(
+        in_channels=conv.in_channels,
+        out_channels=conv.out_channels,
+        kernel_size=conv.kernel_size,
+        stride=conv.stride,
+        padding=conv.padding,
+        dilation=conv.dilation,
+        groups=conv.groups,
+        bias=conv.bias is not None,
+        padding_mode=conv.padding_mode,
+    )
+
+
 def can_sum_in_float64(conv: nn.Module) -> bool:
     """Whether ``conv`` is a plain ungrouped ``nn.Conv2d`` with numeric padding (what the im2col
     export handles)."""
@@ -43,17 +58,7 @@ class Float64SumConv2d(nn.Conv2d):
             raise ValueError(
                 f"Float64SumConv2d wraps an ungrouped nn.Conv2d with numeric padding, got {conv}"
             )
-        twin = cls(
-            conv.in_channels,
-            conv.out_channels,
-            conv.kernel_size,
-            stride=conv.stride,
-            padding=conv.padding,
-            dilation=conv.dilation,
-            bias=conv.bias is not None,
-            padding_mode=conv.padding_mode,
-            device="meta",
-        )
+        twin = cls(**conv2d_arguments(conv), device="meta")  # type: ignore[arg-type]
         twin.weight, twin.bias = conv.weight, conv.bias
         twin.train(conv.training)
         return twin

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from .base import Quantizer
 from .batchnorm import AffineBatchNorm2d
-from .float64_sums import Float64SumConv2d
+from .float64_sums import Float64SumConv2d, conv2d_arguments
 from .integer_sums import (
     IntegerWeight,
     channel_shaped,
@@ -219,15 +219,7 @@ class QuantConv2d(QuantizedLayer, nn.Conv2d):
     ) -> QuantConv2d:
         """Wrap an existing convolution, sharing its parameters (no copy)."""
         layer = cls(
-            conv.in_channels,
-            conv.out_channels,
-            conv.kernel_size,
-            stride=conv.stride,
-            padding=conv.padding,
-            dilation=conv.dilation,
-            groups=conv.groups,
-            bias=conv.bias is not None,
-            padding_mode=conv.padding_mode,
+            **conv2d_arguments(conv),
             device="meta",
             weight_quantizer=weight_quantizer,
             act_quantizer=act_quantizer,
