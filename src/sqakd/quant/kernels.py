@@ -406,8 +406,8 @@ class DSQFakeQuantize(torch.autograd.Function):
             above_g = torch.where(t_top > 0, (g_t - inside_g_t) / t_top, 0.0)
             top_tanh = torch.tanh(kappa * (torch.frac(t_top) - 0.5))
             sum_above = above_g * half_slope * (1.0 - top_tanh * top_tanh)
-            # g (1 - tanh^2) inside, 0 outside: dx / (s kappa / 2)
-            grad_x = inside_grad.mul_(th.mul_(th).neg_().add_(1.0))
+            # g (1 - tanh^2) inside, 0 outside: dx / (s kappa / 2), in one pass
+            grad_x = torch.ops.aten.tanh_backward(inside_grad, th)
             # phi's kappa-derivative vanishes at the interval ends: inside elements only
             grad_kappa = (ds * inside_g_th + s * _sum_to_dot(grad_x, r, step)) * (0.5 * step)
             grad_kappa = grad_kappa.sum()
