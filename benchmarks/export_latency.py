@@ -9,6 +9,8 @@ latency is the median of ``--repeats`` runs after warm-up, in milliseconds per b
 random (latency does not depend on their values); quantizers are calibrated on one random batch.
 
 Run: python benchmarks/export_latency.py [--model resnet20] [--methods ewgs lsq] [--first-last float]
+     python benchmarks/export_latency.py --files runs/a/model.onnx runs/b/model.onnx  (exported
+     files as they are, e.g. trained runs' exports; 32x32 input named "input")
 """
 
 from __future__ import annotations
@@ -84,7 +86,11 @@ def main() -> None:
     parser.add_argument("--methods", nargs="*", default=["ewgs", "lsq"])
     parser.add_argument("--first-last", default="float", choices=["float", "8bit", "same"])
     parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--files", nargs="*", type=Path, default=None)
     args = parser.parse_args()
+    if args.files:
+        time_files(args.files, args.repeats)
+        return
     torch.manual_seed(0)
     model = build_model(args.model, num_classes=10).eval()
     calibration = torch.randn(64, 3, 32, 32)
@@ -134,6 +140,15 @@ def main() -> None:
                 + " | ".join(cells)
                 + " |"
             )
+
+
+def time_files(paths: list[Path], repeats: int) -> None:
+    print(f"ONNX Runtime {ort.__version__} CPUExecutionProvider, ORT_ENABLE_ALL; {machine()}\n")
+    print("| file | ONNX file | " + " | ".join(f"batch {b} (ms)" for b in BATCHES) + " |")
+    print("|---|---|" + "---|" * len(BATCHES))
+    for path in paths:
+        times = " | ".join(f"{latency_ms(path, b, repeats):.2f}" for b in BATCHES)
+        print(f"| {path} | {path.stat().st_size / 1024:.0f} KiB | {times} |")
 
 
 if __name__ == "__main__":

@@ -92,14 +92,3 @@ def fit_batchnorm(model: nn.Module, images: torch.Tensor) -> nn.Module:
     with torch.no_grad():
         model(images)
     return model.eval()
-
-
-@torch.no_grad()
-def noise_agreement(model: nn.Module, images: torch.Tensor, relative: float = 1e-6) -> float:
-    """How often ``model`` keeps its predictions when its input is perturbed by float noise of
-    ``relative`` size: the agreement any second float implementation can hope for, since
-    rounding differences of that size flip quantization levels that then spread through a deep
-    low-bit network."""
-    generator = torch.Generator().manual_seed(0)
-    noise = 1 + relative * torch.randn(images.shape, generator=generator)
-    return float((model(images).argmax(1) == model(images * noise).argmax(1)).float().mean())
