@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sqakd.quant import QuantPolicy, prepare, set_quantization
+from sqakd.quant import QuantPolicy, describe, prepare, set_quantization
 from sqakd.quant.float64_sums import Float64SumConv2d, Float64SumConvExport
 
 SHAPES = [
@@ -89,6 +89,9 @@ def test_prepare_swaps_only_a_float_first_convolution():
     assert type(prepared[0]) is Float64SumConv2d and type(prepared[4]) is nn.Linear
     assert prepared[0].weight is not model[0].weight  # a copy, parameter names kept
     assert set(prepared.state_dict()) >= set(model.state_dict())
+    rows = {row.name: row for row in describe(prepared)}  # a float layer, not an unsupported one
+    assert rows["0"].note == "float, summed in float64 in inference" and not rows["0"].quantized
+    assert "unsupported" not in str(describe(prepared))
     eight = prepare(model, QuantPolicy(method="lsq", first_last="8bit"))
     assert not any(isinstance(m, Float64SumConv2d) for m in eight.modules())
     grouped = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2), nn.Conv2d(4, 4, 3))

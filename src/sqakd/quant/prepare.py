@@ -76,7 +76,7 @@ def _method_label(plan: LayerPlan) -> str:
 def _is_unsupported(module: nn.Module) -> bool:
     """A leaf layer with weights that prepare() cannot quantize (it is left in float)."""
     if type(module) in QUANTIZED_TWINS or isinstance(
-        module, (QuantizedLayer, Quantizer, _NORMALISATION)
+        module, (QuantizedLayer, Quantizer, Float64SumConv2d, _NORMALISATION)
     ):
         return False
     return any(True for _ in module.parameters(recurse=False))
@@ -239,7 +239,7 @@ def describe(model: nn.Module) -> QuantPlan:
                     aq.bits if aq else FLOAT_BITS,
                 )
             )
-        elif type(module) in QUANTIZED_TWINS:
+        elif type(module) in QUANTIZED_TWINS or isinstance(module, Float64SumConv2d):
             result.append(
                 LayerPlan(
                     name,
@@ -249,7 +249,9 @@ def describe(model: nn.Module) -> QuantPlan:
                     None,
                     FLOAT_BITS,
                     FLOAT_BITS,
-                    "float",
+                    "float, summed in float64 in inference"
+                    if isinstance(module, Float64SumConv2d)
+                    else "float",
                 )
             )
         elif _is_unsupported(module):
