@@ -29,6 +29,7 @@ contract (``grid()``, ``codes()``, the forward) is used: no method is special-ca
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -170,7 +171,6 @@ class ExportedLayer(nn.Module):
         super().__init__()
         self.op = FLOAT_OPS[type(layer)](layer)
         self.window_op = WINDOW_OPS[type(layer)](layer)
-        self.groups = getattr(layer, "groups", 1)
         self.register_buffer("bias", None if layer.bias is None else layer.bias.detach().clone())
         wq = layer.weight_quantizer if layer.quantization_enabled else None
         aq = layer.act_quantizer if layer.quantization_enabled else None
@@ -186,12 +186,17 @@ class ExportedLayer(nn.Module):
         )
         if not layer.quantization_enabled:
             self.report.notes.append("quantization switched off: exported in float")
-        self._set_weight(layer)
+        weight = self._set_weight(layer)
         self._set_activation(aq)
-        self._set_integer_sums(integer_sums)
+        self.runs_integer_sums = integer_sums and weight is not None and self.act is not None
+        if self.runs_integer_sums:
+            assert weight is not None
+            self._set_integer_sums(weight, getattr(layer, "groups", 1))
 
     # ---------------------------------------------------------------------------------- weight
-    def _set_weight(self, layer: QuantizedLayer) -> None:
+    def _set_weight(self, layer: QuantizedLayer) -> WeightForm | None:
+        """Store the weight as integer codes where it has an integer form (returned) and as
+        float values otherwise (``None``)."""
         self.weight_axis: int | None = None
         self.register_buffer("weight_codes", None)
         self.register_buffer("weight_scale", None)
@@ -200,21 +205,21 @@ class ExportedLayer(nn.Module):
         if quantizer is None:
             self.register_buffer("weight_float", layer.weight.detach().clone())
             self.report.weight_export = "float (not quantized)"
-            return
+            return None
         codes, values = weight_codes(quantizer, layer.weight)
         form = weight_form(codes, quantizer.grid())
         if isinstance(form, str):
             self.register_buffer("weight_float", values.clone())
             self.report.weight_export = f"float ({form})"
             self.report.notes.append(f"weight kept as its fake-quantized float values: {form}")
-            return
+            return None
         self._set_integer_weight(form)
+        return form
 
     def _set_integer_weight(self, form: WeightForm) -> None:
         self.register_buffer("weight_float", None)
         self.weight_codes, self.weight_scale = form.codes, form.scale
         self.weight_zero_point, self.weight_axis = form.zero_point, form.axis
-        self.register_buffer("weight_channel_offset", form.offset)
         if form.offset is not None:
             offset = broadcast_channels(form.offset, form.codes, form.axis or 0)
             self.register_buffer("weight_offset", offset.clone())
@@ -273,31 +278,27 @@ class ExportedLayer(nn.Module):
         if form.pre_shift or form.post_shift:
             self.report.notes.append("fractional activation zero point carried as a float shift")
 
-    def _set_integer_sums(self, enabled: bool) -> None:
-        """Run the op on integer codes and scale afterwards where the forms allow it, exactly as
+    def _set_integer_sums(self, weight: WeightForm, groups: int) -> None:
+        """Run the op on integer codes and scale afterwards, exactly as
         :meth:`sqakd.quant.QuantizedLayer.integer_forward` does in PyTorch: the same constants
         (:func:`~sqakd.quant.integer_sums.sum_constants`), the same terms in the same order."""
-        self.constants = None
         form = self.act
-        if not enabled or form is None or self.weight_codes is None:
-            return
-        weight = sums.IntegerWeight(
-            self.weight_codes, self.weight_scale, self.weight_channel_offset
-        )
-        spatial_dims = self.weight_codes.dim() - 2
-        self.constants = sums.sum_constants(form.dq_scale, form.post_shift, weight, spatial_dims)
+        assert form is not None
+        spatial_dims = weight.codes.dim() - 2
+        integer = sums.IntegerWeight(weight.codes, weight.scale, weight.offset)
+        constants = sums.sum_constants(form.dq_scale, form.post_shift, integer, spatial_dims)
         self.register_buffer("sums_bias", sums.channel_shaped(self.bias, spatial_dims))
-        for key, value in vars(self.constants).items():  # buffers: the graph's initializers
+        for key, value in vars(constants).items():  # buffers: the graph's initializers
             self.register_buffer(f"sums_{key}", value)
-        self.register_buffer("unit_scale", torch.ones_like(self.weight_scale))
+        self.register_buffer("unit_scale", torch.ones_like(weight.scale))
         self.register_buffer("act_unit_scale", torch.ones_like(form.dq_scale))
-        if self.constants.weight_offset is not None:  # int8 ones, dequantized like the weight codes
-            ones = sums.window_kernel(self.weight_codes, self.groups)
+        if constants.weight_offset is not None:  # int8 ones, dequantized like the weight codes
+            ones = sums.window_kernel(weight.codes, groups)
             self.register_buffer("window_codes", ones.to(torch.int8))
             self.register_buffer("window_zero_point", torch.tensor(0, dtype=torch.int8))
         terms = [
             "input shift" if form.post_shift else "",
-            "weight offset" if self.constants.weight_offset is not None else "",
+            "weight offset" if constants.weight_offset is not None else "",
         ]
         extra = " and ".join(t for t in terms if t)
         self.report.notes.append(
@@ -314,7 +315,7 @@ class ExportedLayer(nn.Module):
         return QuantizeLinear.apply(x, self.act_q_scale, self.act_q_zero_point)
 
     def integer_forward(self, x: Tensor) -> Tensor:
-        assert self.act is not None and self.constants is not None
+        assert self.act is not None
         codes = self.input_codes(x, self.act)
         x_int = DequantizeLinear.apply(codes, self.act_unit_scale, self.act_dq_zero_point, None)
         w_int = DequantizeLinear.apply(
@@ -329,12 +330,10 @@ class ExportedLayer(nn.Module):
             self.sums_bias,
         )
 
-    def _constants(self):  # type: ignore[no-untyped-def]
+    def _constants(self) -> sums.SumConstants:
         """The sum constants as this module's buffers (so that they follow ``.to(device)``)."""
-        assert self.constants is not None
-        return type(self.constants)(
-            **{key: getattr(self, f"sums_{key}") for key in vars(self.constants)}
-        )
+        names = [field.name for field in dataclasses.fields(sums.SumConstants)]
+        return sums.SumConstants(**{name: getattr(self, f"sums_{name}") for name in names})
 
     def _window(self, x: Tensor) -> Tensor:
         kernel = DequantizeLinear.apply(
@@ -357,7 +356,7 @@ class ExportedLayer(nn.Module):
         return x
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.constants is not None:
+        if self.runs_integer_sums:
             return self.integer_forward(x)
         return self.op(self.quantize_input(x), self.weight(), self.bias)
 

@@ -15,6 +15,9 @@ from .layers import QUANTIZED_TWINS, QuantizedLayer
 from .policy import FLOAT_BITS, QuantPolicy
 from .registry import build_quantizer, quantizer_class
 
+#: the plan's ``kind`` of the layers prepare() can swap (``Conv2d``, ``Linear``)
+TWIN_KINDS = frozenset(t.__name__ for t in QUANTIZED_TWINS)
+
 #: layers that hold weights but have no quantized twin yet: left in float and listed
 _NORMALISATION = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 
@@ -172,7 +175,7 @@ def prepare(
     decisions = plan(model, policy)
     prepared = model if inplace else copy.deepcopy(model)
     for decision in decisions:
-        if not decision.quantized or decision.kind not in {t.__name__ for t in QUANTIZED_TWINS}:
+        if not decision.quantized or decision.kind not in TWIN_KINDS:
             continue
         float_layer = prepared.get_submodule(decision.name)
         twin = QUANTIZED_TWINS[type(float_layer)]
@@ -189,8 +192,7 @@ def prepare(
 def _sum_float_first_layer_in_float64(model: nn.Module, decisions: QuantPlan) -> None:
     """Swap the first layer, when the policy keeps it in float, for :class:`Float64SumConv2d`,
     whose inference an exported graph repeats bit for bit (see :mod:`sqakd.quant.float64_sums`)."""
-    twins = {t.__name__ for t in QUANTIZED_TWINS}
-    first = next((d for d in decisions if d.kind in twins), None)
+    first = next((d for d in decisions if d.kind in TWIN_KINDS), None)
     if first is None or first.quantized:
         return
     layer = model.get_submodule(first.name)
