@@ -115,3 +115,39 @@ def test_compiled_matches_the_op_by_op_definition(role, per_channel, channels_la
     finally:
         kernels.use_compiled_kernels(False)
     assert_same(compiled, outputs_and_grads(q, x, upstream, reference))
+
+
+@pytest.mark.parametrize("alpha", [0.6, 0.5, 1e-4, 1e-5])
+def test_fused_matches_at_and_beyond_the_alpha_clamp(alpha):
+    """alpha is clamped into [1e-4, 0.5]: beyond a bound its gradient is 0, on a bound it passes
+    (as torch.clamp's does), and l, u, x see the clamped value."""
+    q, x = case("activation", False, False)
+    q.alpha.data.fill_(alpha)
+    upstream = torch.randn(x.shape)
+    fused = outputs_and_grads(q, x, upstream, lambda module, inp: module(inp))
+    assert_same(fused, outputs_and_grads(q, x, upstream, reference))
+    assert (float(fused[4]) == 0.0) == (alpha > 0.5 or alpha < 1e-4)
+
+
+def test_float_and_tensor_epilogues_agree(monkeypatch):
+    """A per-tensor range on the CPU runs the gradient epilogue on Python floats; forcing the
+    tensor epilogue (what per-channel ranges and GPU tensors use) gives the same gradients."""
+    q, x = case("weight", False, False)
+    upstream = torch.randn(x.shape)
+    on_floats = outputs_and_grads(q, x, upstream, lambda module, inp: module(inp))
+    monkeypatch.setattr(kernels, "_numbers", lambda *values: (list(values), kernels._TensorMath))
+    on_tensors = outputs_and_grads(q, x, upstream, lambda module, inp: module(inp))
+    assert_same(on_floats, on_tensors)
+
+
+def test_changing_the_saved_input_in_place_is_caught():
+    """The eager kernel saves its input and recomputes from it in the backward: an in-place
+    change between the passes must raise, not give silently wrong gradients."""
+    q, x = case("activation", False, False)
+    x.requires_grad_()
+    inp = x * 1.0
+    out = q(inp)
+    with torch.no_grad():
+        inp.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()

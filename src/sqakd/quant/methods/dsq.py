@@ -32,11 +32,8 @@ import torch
 from torch import Tensor, nn
 
 from ..base import QuantGrid, Quantizer, Role, broadcast_channels, per_channel_reduce
-from ..kernels import dsq_fake_quantize
+from ..kernels import DSQ_ALPHA_RANGE, DSQ_MIN_WIDTH, dsq_fake_quantize
 from ..registry import register_quantizer
-
-ALPHA_RANGE = (1e-4, 0.5)
-MIN_WIDTH = 1e-8
 
 
 @register_quantizer("dsq")
@@ -74,13 +71,13 @@ class DSQQuantizer(Quantizer):
             lower = x.min() if self.signed else torch.zeros_like(x.max())
             upper = x.max()
         self.lower.data = lower.clone()
-        self.upper.data = torch.maximum(upper, lower + MIN_WIDTH).clone()
+        self.upper.data = torch.maximum(upper, lower + DSQ_MIN_WIDTH).clone()
 
     def _range(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``(l, u, Delta)`` broadcast against ``x``."""
         lower = broadcast_channels(self.lower, x, self.channel_axis)
         upper = broadcast_channels(self.upper, x, self.channel_axis)
-        delta = (upper - lower).clamp_min(MIN_WIDTH) / self.num_steps
+        delta = (upper - lower).clamp_min(DSQ_MIN_WIDTH) / self.num_steps
         return lower, upper, delta
 
     def soft_quantize(self, x: Tensor) -> Tensor:
@@ -92,7 +89,7 @@ class DSQQuantizer(Quantizer):
         with torch.no_grad():
             interval = torch.floor((clipped - lower) / delta).clamp_(0, self.num_steps - 1)
         midpoint = lower + (interval + 0.5) * delta
-        alpha = self.alpha.clamp(*ALPHA_RANGE)
+        alpha = self.alpha.clamp(*DSQ_ALPHA_RANGE)
         k = torch.log(2.0 / alpha - 1.0) / delta
         s = 1.0 / torch.tanh(0.5 * k * delta)
         phi = s * torch.tanh(k * (clipped - midpoint))
@@ -104,9 +101,7 @@ class DSQQuantizer(Quantizer):
         return torch.round((clipped - lower) / delta).clamp(0, self.num_steps)
 
     def quantize(self, x: Tensor) -> Tensor:
-        delta = (self.upper - self.lower).clamp_min(MIN_WIDTH) / self.num_steps
-        kappa = torch.log(2.0 / self.alpha.clamp(*ALPHA_RANGE) - 1.0)  # k Delta
-        return dsq_fake_quantize(x, self.lower, self.upper, delta, kappa)
+        return dsq_fake_quantize(x, self.lower, self.upper, self.alpha, self.num_steps)
 
     @torch.no_grad()
     def codes(self, x: Tensor) -> Tensor:
@@ -114,7 +109,7 @@ class DSQQuantizer(Quantizer):
 
     @torch.no_grad()
     def grid(self) -> QuantGrid:
-        delta = (self.upper - self.lower).clamp_min(MIN_WIDTH) / self.num_steps
+        delta = (self.upper - self.lower).clamp_min(DSQ_MIN_WIDTH) / self.num_steps
         zero_point = -self.lower / delta
         axis = self.channel_axis if self.per_channel else None
         n = self.num_steps
