@@ -2,12 +2,35 @@
 
 from __future__ import annotations
 
+import argparse
 import platform
 import statistics
 import time
 from collections.abc import Callable
 
 import torch
+
+from sqakd.quant.kernels import should_compile_kernels, use_compiled_kernels
+
+
+def add_kernels_option(parser: argparse.ArgumentParser) -> None:
+    """``--kernels auto|eager|compiled``: the quantizer kernels, as ``run.compile`` chooses them."""
+    parser.add_argument(
+        "--kernels",
+        choices=["auto", "eager", "compiled"],
+        default="auto",
+        help="quantizer kernels: auto (the default run.compile: compiled when a C++ compiler is "
+        "found), eager, or compiled through torch.compile",
+    )
+
+
+def use_kernels(choice: str) -> str:
+    """Switch the quantizer kernels to ``choice`` (see :func:`add_kernels_option`); returns
+    "compiled" or "eager", what the run uses."""
+    setting = {"auto": "auto", "eager": False, "compiled": True}[choice]
+    compiled = should_compile_kernels(setting, torch.device("cpu"))
+    use_compiled_kernels(compiled)
+    return "compiled" if compiled else "eager"
 
 
 def machine() -> str:

@@ -6,7 +6,7 @@ quantization switched off (float student + teacher), so the quantizers' own cost
 The variants are timed in interleaved rounds (each round times every variant) and each number is
 the median over rounds, so that a machine shared with other jobs disturbs all of them alike.
 
-Run: python benchmarks/kd_step.py [--batch-sizes 128 256] [--threads 2] [--rounds 5] [--compile]
+Run: python benchmarks/kd_step.py [--batch-sizes 128 256] [--threads 2] [--rounds 5] [--kernels auto|eager|compiled]
 [--channels-last]
 """
 
@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from _timing import interleaved_medians, machine
+from _timing import add_kernels_option, interleaved_medians, machine, use_kernels
 
 from sqakd.config import MethodConfig
 from sqakd.engine.inference import frozen_for_inference
@@ -33,7 +33,6 @@ from sqakd.quant import (
     quantizer_parameters,
     set_quantization,
 )
-from sqakd.quant.kernels import use_compiled_kernels
 
 
 def float_step(model, images, labels) -> Callable[[], None]:
@@ -84,9 +83,7 @@ def main() -> None:
     parser.add_argument(
         "--channels-last", action="store_true", help="models and input in channels-last layout"
     )
-    parser.add_argument(
-        "--compile", action="store_true", help="quantizer kernels through torch.compile"
-    )
+    add_kernels_option(parser)
     parser.add_argument(
         "--unfused-teacher",
         action="store_true",
@@ -102,13 +99,13 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    use_compiled_kernels(args.compile)
+    kernels = use_kernels(args.kernels)
     torch.manual_seed(0)
     layout = torch.channels_last if args.channels_last else torch.contiguous_format
     print(
         f"ResNet-20, SQAKD W4A4 ({args.method}) vs float training step"
         f"{', channels-last' if args.channels_last else ''}"
-        f"{', compiled quantizer kernels' if args.compile else ''}"
+        f", {kernels} quantizer kernels"
         f"{', unfused teacher' if args.unfused_teacher else ''}; machine: {machine()}; "
         f"{args.clock} time, median of {args.rounds} interleaved rounds\n"
     )

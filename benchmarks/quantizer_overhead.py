@@ -10,11 +10,10 @@ import argparse
 
 import torch
 import torch.nn.functional as F
-from _timing import interleaved_medians, machine
+from _timing import add_kernels_option, interleaved_medians, machine, use_kernels
 
 from sqakd.models import build_model
 from sqakd.quant import QuantPolicy, available_quantizers, calibrate, prepare
-from sqakd.quant.kernels import use_compiled_kernels
 
 ONE_ROLE = {"binary": ("binary", 1, 4), "ternary": ("ternary", 2, 4)}  # weight-only methods
 
@@ -35,14 +34,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument(
-        "--compile", action="store_true", help="EWGS/LSQ kernels through torch.compile"
-    )
+    add_kernels_option(parser)
     parser.add_argument("--methods", nargs="*", default=None)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    use_compiled_kernels(args.compile)
+    kernels = use_kernels(args.kernels)
     torch.manual_seed(0)
     images = torch.randn(args.batch_size, 3, 32, 32)
     labels = torch.randint(0, 10, (args.batch_size,))
@@ -50,7 +47,7 @@ def main() -> None:
     float_step = training_step(model, images, labels)
     print(
         f"ResNet-20, batch {args.batch_size}, training step"
-        f"{', compiled quantizer kernels' if args.compile else ''}; machine: {machine()}; median of "
+        f", {kernels} quantizer kernels; machine: {machine()}; median of "
         f"{args.rounds} rounds, each quantizer interleaved with the float step\n"
     )
     print("| method | W/A bits | float images/s | images/s | time vs float |")

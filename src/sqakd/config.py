@@ -33,7 +33,7 @@ class RunConfig(Section):
     progress: bool = True
     threads: int | None = None
     sync_batchnorm: bool = False
-    compile: bool = False
+    compile: bool | Literal["auto"] = "auto"
     channels_last: bool = False
 
     @field_validator("device")
@@ -43,6 +43,13 @@ class RunConfig(Section):
             raise ValueError(
                 f"device must be 'cpu', 'cuda', 'cuda:N', 'mps' or 'auto', got {value!r}"
             )
+        return value
+
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _compile(cls, value: Any) -> Any:
+        if not isinstance(value, bool) and value != "auto":
+            raise ValueError(f"run.compile must be true, false or auto, got {value!r}")
         return value
 
 

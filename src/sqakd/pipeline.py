@@ -42,7 +42,7 @@ from .engine.inference import frozen_for_inference
 from .engine.teacher_cache import CachedTeacher
 from .methods import Method, build_method
 from .quant import calibrate, describe, prepare, quantized_layers, quantizer_parameters
-from .quant.kernels import use_compiled_kernels
+from .quant.kernels import compiled_kernels_enabled, should_compile_kernels, use_compiled_kernels
 
 RUN_MARKERS = ("config.yaml", "metrics.csv", "checkpoints", "summary.json")
 
@@ -249,10 +249,11 @@ def prepare_run_folder(config: Config, resume: bool = False) -> Path:
 
 def _setup(config: Config, device: str | None = None) -> torch.device:
     seed_everything(config.run.seed, config.run.deterministic)
-    use_compiled_kernels(config.run.compile)
     if config.run.threads:
         torch.set_num_threads(config.run.threads)
-    return resolve_device(device or config.run.device)
+    resolved = resolve_device(device or config.run.device)
+    use_compiled_kernels(should_compile_kernels(config.run.compile, resolved))
+    return resolved
 
 
 # ------------------------------------------------------------------------------------- the jobs
@@ -340,13 +341,15 @@ def _run(
             config.train.calibration_batches,
         )
     log.info(
-        "method %s, %d training images (%s), %d epochs, %d steps per epoch, device %s",
+        "method %s, %d training images (%s), %d epochs, %d steps per epoch, device %s, "
+        "%s quantizer kernels",
         config.method.name,
         len(bundle.train),
         "labels used" if method.needs_labels else "no labels read",
         config.train.epochs,
         len(train_loader),
         device,
+        "compiled" if compiled_kernels_enabled() else "eager",
     )
     trainer = Trainer(
         student,

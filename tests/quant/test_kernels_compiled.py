@@ -96,3 +96,26 @@ def test_compiled_kernels_see_plain_tensors_never_parameters(monkeypatch):
     q.calibrate(weight)
     q(weight)
     assert seen and all(kind is torch.Tensor for kind in seen)
+
+
+@pytest.mark.parametrize(
+    "setting, device, compiler, expected",
+    [
+        (True, "cpu", False, True),  # asked for: tried (falls back with a warning if it fails)
+        (False, "cpu", True, False),
+        ("auto", "cpu", True, True),
+        ("auto", "cpu", False, False),  # no C++ compiler: eager, no failed build
+        ("auto", "cuda", True, False),  # the compiled kernels are untested off the CPU
+    ],
+)
+def test_run_compile_setting_resolves(monkeypatch, setting, device, compiler, expected):
+    monkeypatch.setattr(kernels.shutil, "which", lambda name: "/usr/bin/g++" if compiler else None)
+    assert kernels.should_compile_kernels(setting, torch.device(device)) is expected
+
+
+def test_cxx_from_the_environment_counts(monkeypatch):
+    monkeypatch.setenv("CXX", "my-cxx")
+    monkeypatch.setattr(
+        kernels.shutil, "which", lambda name: "/opt/my-cxx" if name == "my-cxx" else None
+    )
+    assert kernels.cpp_compiler_found()

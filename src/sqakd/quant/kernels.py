@@ -19,6 +19,8 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import os
+import shutil
 from collections.abc import Callable
 from typing import Any
 
@@ -37,6 +39,23 @@ def use_compiled_kernels(enabled: bool = True) -> None:
 
 def compiled_kernels_enabled() -> bool:
     return _use_compiled
+
+
+def cpp_compiler_found() -> bool:
+    """Whether a C++ compiler is on the PATH (``$CXX``, ``g++``, ``clang++`` or ``c++``): what
+    ``torch.compile`` needs to build CPU kernels."""
+    names = [os.environ.get("CXX", ""), "g++", "clang++", "c++"]
+    return any(shutil.which(name) for name in names if name)
+
+
+def should_compile_kernels(setting: bool | str, device: torch.device) -> bool:
+    """``run.compile`` resolved for ``device``: ``True``/``False`` as given; ``"auto"`` compiles
+    on the CPU when a C++ compiler is found (a one-off ~15 s build, cached on disk, for 10-20 %
+    faster quantized training steps) and stays eager on other devices, where the compiled kernels
+    are untested here."""
+    if setting == "auto":
+        return device.type == "cpu" and cpp_compiler_found()
+    return bool(setting)
 
 
 def _run(name: str, eager: Callable[..., Any], *args: Any) -> Any:
