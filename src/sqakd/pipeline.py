@@ -335,21 +335,24 @@ def _run(
     student = build_student(config, method, bundle, teacher, device)
     if method.quantizes_student:
         log.info("quantization plan:\n%s", describe(student))
+        log.info(
+            "quantizer kernels: %s (run.compile: %s)",
+            "compiled" if compiled_kernels_enabled() else "eager",
+            config.run.compile,
+        )
         calibrate(
             student,
             (images for images, _ in calibration_loader),
             config.train.calibration_batches,
         )
     log.info(
-        "method %s, %d training images (%s), %d epochs, %d steps per epoch, device %s, "
-        "%s quantizer kernels",
+        "method %s, %d training images (%s), %d epochs, %d steps per epoch, device %s",
         config.method.name,
         len(bundle.train),
         "labels used" if method.needs_labels else "no labels read",
         config.train.epochs,
         len(train_loader),
         device,
-        "compiled" if compiled_kernels_enabled() else "eager",
     )
     trainer = Trainer(
         student,
