@@ -50,7 +50,7 @@ def cpp_compiler_found() -> bool:
 
 def should_compile_kernels(setting: bool | str, device: torch.device) -> bool:
     """``run.compile`` resolved for ``device``: ``True``/``False`` as given; ``"auto"`` compiles
-    on the CPU when a C++ compiler is found (a one-off ~15 s build, cached on disk, for 10-20 %
+    on the CPU when a C++ compiler is found (a one-off 8-16 s build, cached on disk, for 10-20 %
     faster quantized training steps) and stays eager on other devices, where the compiled kernels
     are untested here."""
     if setting == "auto":
