@@ -211,6 +211,9 @@ def _describe(error: ValidationError) -> str:
         location = ".".join(str(part) for part in item["loc"])
         if item["type"] == "extra_forbidden":
             messages.append(f"unknown config key {location!r}{_suggest(item['loc'])}")
+        elif item["type"] == "value_error":  # our validators' messages name the value
+            message = str(item["msg"]).removeprefix("Value error, ")
+            messages.append(f"config key {location!r}: {message}")
         else:
             messages.append(f"config key {location!r}: {item['msg']} (got {item.get('input')!r})")
     return "; ".join(messages)
