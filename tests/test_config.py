@@ -63,3 +63,16 @@ def test_unknown_quantizer_fails_when_the_config_loads(key):
         load_config(None, [f"{key}=magic"])
     with pytest.raises(ValueError, match="unknown quantization method 'lsqq'"):
         load_config(None, ["quant.overrides={'layer3.*': {act_method: lsqq}}"])
+
+
+@pytest.mark.parametrize("value, expected", [("auto", "auto"), ("true", True), ("false", False)])
+def test_run_compile_takes_true_false_or_auto(value, expected):
+    assert load_config(None, [f"run.compile={value}"]).run.compile == expected
+
+
+def test_a_validator_message_reads_as_one_plain_sentence():
+    with pytest.raises(ValueError) as error:
+        load_config(None, ["run.compile=maybe"])
+    assert str(error.value) == (
+        "config key 'run.compile': run.compile must be true, false or auto, got 'maybe'"
+    )
