@@ -21,7 +21,8 @@ CIFAR10_TARBALL = SHARED_DATA / "cifar10-jpeg.tar.gz"
 @pytest.fixture(autouse=True)
 def _eager_kernels_after_each_test() -> Iterator[None]:
     """A pipeline run switches the compiled quantizer kernels on (``run.compile: auto`` with a
-    C++ compiler); each test starts from the eager default whatever ran before it."""
+    C++ compiler) for the whole process; each test starts from the module's eager state whatever
+    ran before it."""
     yield
     use_compiled_kernels(False)
 

@@ -345,13 +345,15 @@ DSQ_MIN_WIDTH = 1e-8  # u - l is clamped to at least this
 DSQ_ALPHA_RANGE = (1e-4, 0.5)  # alpha is clamped into this range (the paper needs 0 < alpha < 1)
 
 
-def dsq_step_and_kappa(
-    lower: Tensor, upper: Tensor, alpha: Tensor, num_steps: int
-) -> tuple[Tensor, Tensor]:
-    """``Delta = max(u - l, min width) / n`` and ``kappa = k Delta = log(2 / alpha - 1)`` with
-    ``alpha`` clamped to :data:`DSQ_ALPHA_RANGE`."""
-    delta = (upper - lower).clamp_min(DSQ_MIN_WIDTH) / num_steps
-    return delta, torch.log(2.0 / alpha.clamp(*DSQ_ALPHA_RANGE) - 1.0)
+def dsq_step(width: Tensor, num_steps: int) -> Tensor:
+    """``Delta = max(u - l, min width) / n`` from ``width = u - l``."""
+    return width.clamp_min(DSQ_MIN_WIDTH) / num_steps
+
+
+def dsq_kappa(alpha: Tensor) -> Tensor:
+    """``kappa = k Delta = log(2 / alpha - 1)`` with ``alpha`` clamped to
+    :data:`DSQ_ALPHA_RANGE`."""
+    return torch.log(2.0 / alpha.clamp(*DSQ_ALPHA_RANGE) - 1.0)
 
 
 class _FloatMath:
@@ -406,8 +408,7 @@ def _dsq_backward(
     t = (clamped - lower) / delta
     inside = clamped == x
     above = x > upper
-    s = 1.0 / torch.tanh(0.5 * kappa)
-    ds = -0.5 * (s * s - 1.0)
+    s, ds, _ = _dsq_constants(kappa, _TensorMath)
     r = torch.frac(t) - 0.5
     # tanh(y) = 1 - 2 d, 1 - tanh^2(y) = 4 d (1 - d), d = 1 / (exp(2 y) + 1): one exp, which
     # compiles to a loop twice as fast as tanh's (|y| <= kappa / 2 < 5, no overflow)
@@ -471,15 +472,17 @@ def _dsq_constants(kappa: Any, m: Any) -> tuple[Any, Any, Any]:
     return s, -0.5 * (s * s - 1.0), 2.0 * s * kappa
 
 
-def _dsq_partials(sums: list[Any], t_top: Any, step: Any, kappa: Any, m: Any) -> list[Any]:
+def _dsq_partials(
+    sums: list[Any], t_top: Any, step: Any, kappa: Any, constants: tuple[Any, Any, Any], m: Any
+) -> list[Any]:
     """``[dl, du, dDelta, dkappa]`` (partial derivatives at fixed ``Delta`` and ``kappa``)
     from :func:`_dsq_sums`' sums, on floats or tensors (``m``: :class:`_FloatMath` or
     :class:`_TensorMath`). The clipped elements all sit at ``t = 0`` (below ``l``) or ``t = t_top
     = (u - l) / Delta`` (above ``u``), so their ``t``, ``f`` and ``sigma`` are constants: the
     totals of ``g`` above and below follow from two sums, and the inside-only sums from the
-    whole ones."""
+    whole ones. ``constants``: :func:`_dsq_constants`."""
     sum_g, sum_inside_g, g_t, inside_g_t, g_sigma, g_f, sum_y, y_f, y_t = sums
-    s, ds, slope = _dsq_constants(kappa, m)
+    s, ds, slope = constants
     g_above = (g_t - inside_g_t) * m.reciprocal_or_zero(t_top)
     g_below = sum_g - sum_inside_g - g_above
     top_sigma = 1.0 / (1.0 + m.exp(kappa * (1.0 - 2.0 * m.frac(t_top))))
@@ -529,7 +532,7 @@ class DSQFakeQuantize(torch.autograd.Function):
     its soft staircase ``Q_S = l + Delta (i + 1/2 + phi / 2)``, ``phi = s tanh(kappa r)``,
     ``s = 1 / tanh(kappa / 2)``, where ``t = (clamp(x, l, u) - l) / Delta``, ``i`` its interval
     and ``r = t - i - 1/2`` (Gong et al., Eq. 3-5; ``kappa = k Delta = log(2 / alpha - 1)``,
-    ``Delta = (u - l) / n``: :func:`dsq_step_and_kappa`).
+    ``Delta = (u - l) / n``: :func:`dsq_step`, :func:`dsq_kappa`).
 
     Partial derivatives at fixed ``Delta`` and ``kappa`` (:func:`_dsq_partials`), which
     :func:`_dsq_chain` carries on to ``l``, ``u`` and ``alpha``:
@@ -549,18 +552,19 @@ class DSQFakeQuantize(torch.autograd.Function):
     def forward(  # type: ignore[override]
         ctx, x: Tensor, lower: Tensor, upper: Tensor, alpha: Tensor, num_steps: int
     ) -> Tensor:
-        delta, kappa = dsq_step_and_kappa(lower, upper, alpha, num_steps)
+        width = upper - lower
+        delta, kappa = dsq_step(width, num_steps), dsq_kappa(alpha)
         ctx.num_steps = num_steps
         ctx.range_shape, ctx.alpha_shape = lower.shape, alpha.shape
         ctx.range_dtype = lower.dtype
-        low, up, step, width = (_channel_view(v, x) for v in (lower, upper, delta, upper - lower))
+        low, up, step, width = (_channel_view(v, x) for v in (lower, upper, delta, width))
         if _use_compiled:
             ctx.compiled = True
             ctx.save_for_backward(x, low, up, step, kappa, width, alpha)
             return _run("dsq_forward", _dsq_forward, x, low, up, step)
         ctx.compiled = False
         # t_top, the t of the elements above u, as the forward computes it (in x's precision)
-        t_top = (up - low) / step
+        t_top = width / step
         ctx.range, ctx.math = _numbers(low, up, step, kappa, width, alpha, t_top)
         low, up, step = ctx.range[:3]
         # the input, not t and the inside mask: one fresh tensor instead of three (its producer,
@@ -579,9 +583,9 @@ class DSQFakeQuantize(torch.autograd.Function):
             _, _, step, kappa, width, alpha, t_top = ctx.range
             m = ctx.math
             like = step if isinstance(step, Tensor) else x.new_zeros(())
-            slope = _dsq_constants(kappa, m)[2]
-            grad_x, sums = _dsq_sums(grad, x, ctx.range, slope, like)
-            partials = _dsq_partials(_numbers(*sums)[0], t_top, step, kappa, m)
+            constants = _dsq_constants(kappa, m)
+            grad_x, sums = _dsq_sums(grad, x, ctx.range, constants[2], like)
+            partials = _dsq_partials(_numbers(*sums)[0], t_top, step, kappa, constants, m)
         grad_lower, grad_upper, grad_alpha = (
             torch.as_tensor(value, dtype=grad.dtype, device=grad.device).reshape(shape)
             for value, shape in zip(

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from ..base import QuantGrid, Quantizer, Role, broadcast_channels, per_channel_reduce
-from ..kernels import DSQ_ALPHA_RANGE, DSQ_MIN_WIDTH, dsq_fake_quantize
+from ..kernels import DSQ_ALPHA_RANGE, DSQ_MIN_WIDTH, dsq_fake_quantize, dsq_step
 from ..registry import register_quantizer
 
 
@@ -77,8 +77,7 @@ class DSQQuantizer(Quantizer):
         """``(l, u, Delta)`` broadcast against ``x``."""
         lower = broadcast_channels(self.lower, x, self.channel_axis)
         upper = broadcast_channels(self.upper, x, self.channel_axis)
-        delta = (upper - lower).clamp_min(DSQ_MIN_WIDTH) / self.num_steps
-        return lower, upper, delta
+        return lower, upper, dsq_step(upper - lower, self.num_steps)
 
     def soft_quantize(self, x: Tensor) -> Tensor:
         """``Q_S(x)``, the differentiable staircase of the module docstring."""
@@ -109,7 +108,7 @@ class DSQQuantizer(Quantizer):
 
     @torch.no_grad()
     def grid(self) -> QuantGrid:
-        delta = (self.upper - self.lower).clamp_min(DSQ_MIN_WIDTH) / self.num_steps
+        delta = dsq_step(self.upper - self.lower, self.num_steps)
         zero_point = -self.lower / delta
         axis = self.channel_axis if self.per_channel else None
         n = self.num_steps
