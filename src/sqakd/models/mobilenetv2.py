@@ -124,7 +124,12 @@ class MobileNetV2(nn.Module):
         return self.classifier(self.avgpool(self.features(x)).flatten(1))
 
 
-@register_model("mobilenetv2")
+#: the last inverted residual of each resolution (16, 24, 32, 96, 320 channels at 1, 1/2, 1/4,
+#: 1/8, 1/16 of the stem's output side), as timm's feature_info; the 1x1 head is left out
+STAGE_OUTPUTS = ("features.1", "features.3", "features.6", "features.13", "features.17")
+
+
+@register_model("mobilenetv2", stages=STAGE_OUTPUTS)
 def mobilenetv2(
     num_classes: int = 10,
     in_channels: int = 3,

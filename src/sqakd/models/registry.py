@@ -3,6 +3,11 @@
 A registered name builds one of our architectures. A name of the form ``package.module:function``
 or ``path/to/file.py:function`` imports the user's own builder and calls it with the same keyword
 arguments, so any ``nn.Module`` can be quantized and distilled without registering it.
+
+Each registered model also declares its stage names (timm's ``feature_info`` idea): the modules
+whose outputs are the final feature maps of its resolution stages, never modified in place
+afterwards, so forward hooks on them (:class:`sqakd.distill.FeatureTaps`) see what the next
+stage sees. ``taps: stages`` in a config resolves to them through :func:`resolve_tap_names`.
 """
 
 from __future__ import annotations
@@ -12,7 +17,8 @@ import importlib
 import importlib.util
 import inspect
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -20,11 +26,31 @@ from torch import nn
 
 Builder = TypeVar("Builder", bound=Callable[..., nn.Module])
 
-_MODELS: dict[str, Callable[..., nn.Module]] = {}
+#: the tap spec that means "the registered model's stage names"
+STAGES = "stages"
 
 
-def register_model(name: str) -> Callable[[Builder], Builder]:
-    """Decorator: make ``builder(num_classes=..., in_channels=..., **options)`` available as ``name``."""
+@dataclass(frozen=True)
+class ModelEntry:
+    """One registered model: its builder and the module names of its stage outputs."""
+
+    builder: Callable[..., nn.Module]
+    stages: tuple[str, ...]
+
+
+_MODELS: dict[str, ModelEntry] = {}
+
+
+def register_model(name: str, stages: Sequence[str] = ()) -> Callable[[Builder], Builder]:
+    """Decorator: make ``builder(num_classes=..., in_channels=..., **options)`` available as ``name``.
+
+    ``stages`` names the submodules whose outputs are the model's stage feature maps, shallow to
+    deep (e.g. ``("layer1", "layer2", "layer3")``); :func:`model_stages` returns them.
+    """
+    if isinstance(stages, str) or not all(isinstance(s, str) and s for s in stages):
+        raise ValueError(
+            f"stages of model {name!r} must be a sequence of module names, got {stages!r}"
+        )
 
     def add(builder: Builder) -> Builder:
         if name in _MODELS:
@@ -33,7 +59,7 @@ def register_model(name: str) -> Callable[[Builder], Builder]:
             raise ValueError(
                 f"model name {name!r} may not contain ':' (reserved for module:function)"
             )
-        _MODELS[name] = builder
+        _MODELS[name] = ModelEntry(builder, tuple(stages))
         return builder
 
     return add
@@ -72,7 +98,52 @@ def build_model(
     return model
 
 
+def model_stages(name: str) -> tuple[str, ...]:
+    """The module names of the registered model ``name``'s stage outputs, shallow to deep.
+
+    A user model (``package.module:function`` or ``file.py:function``) has none: name its
+    modules instead.
+    """
+    if ":" in name:
+        raise ValueError(
+            f"model {name!r} is your own, so it has no registered stage names; name the modules "
+            "to tap instead, e.g. method.layers: [block1, block2]"
+        )
+    stages = _registered_entry(name).stages
+    if not stages:
+        raise ValueError(
+            f"model {name!r} declares no stage names; register it with "
+            f"register_model({name!r}, stages=(...)) or name the modules to tap"
+        )
+    return stages
+
+
+def resolve_tap_names(spec: str | Sequence[str], model_name: str) -> list[str]:
+    """The module names to tap: the model's stage names for ``"stages"``, else ``spec`` itself.
+
+    ``spec`` is the string ``"stages"`` or a non-empty list of module names; whether the names
+    exist in the model is checked when the taps are created (:class:`sqakd.distill.FeatureTaps`).
+    """
+    if isinstance(spec, str):
+        if spec != STAGES:
+            raise ValueError(
+                f"layers to tap must be 'stages' or a list of module names, got {spec!r}; "
+                f"write [{spec}] for one module"
+            )
+        return list(model_stages(model_name))
+    names = list(spec)
+    if not names or not all(isinstance(n, str) and n for n in names):
+        raise ValueError(
+            f"layers to tap must be 'stages' or a non-empty list of module names, got {spec!r}"
+        )
+    return names
+
+
 def _registered_builder(name: str) -> Callable[..., nn.Module]:
+    return _registered_entry(name).builder
+
+
+def _registered_entry(name: str) -> ModelEntry:
     try:
         return _MODELS[name]
     except KeyError:

@@ -87,13 +87,17 @@ class ResNet(nn.Module):
         return self.fc(self.avgpool(x).flatten(1))
 
 
-@register_model("resnet18")
+#: block-stage outputs (64, 128, 256, 512 channels at 1, 1/2, 1/4, 1/8 of the stem's output side)
+STAGE_OUTPUTS = ("layer1", "layer2", "layer3", "layer4")
+
+
+@register_model("resnet18", stages=STAGE_OUTPUTS)
 def resnet18(num_classes: int = 10, in_channels: int = 3, stem: str = "small") -> ResNet:
     """ResNet-18 (2-2-2-2 basic blocks), 3x3 stride-1 stem for 64 px images by default."""
     return ResNet((2, 2, 2, 2), num_classes, in_channels, stem)
 
 
-@register_model("resnet34")
+@register_model("resnet34", stages=STAGE_OUTPUTS)
 def resnet34(num_classes: int = 10, in_channels: int = 3, stem: str = "small") -> ResNet:
     """ResNet-34 (3-4-6-3 basic blocks), 3x3 stride-1 stem for 64 px images by default."""
     return ResNet((3, 4, 6, 3), num_classes, in_channels, stem)

@@ -91,8 +91,13 @@ class CifarResNet(nn.Module):
         return self.fc(self.avgpool(x).flatten(1))
 
 
+#: block-stage outputs (16, 32, 64 channels at 1, 1/2, 1/4 of the input side); each stage ends
+#: with a ReLU on a fresh sum, and the next stage only reads it
+STAGE_OUTPUTS = ("layer1", "layer2", "layer3")
+
+
 def _register(depth: int) -> None:
-    @register_model(f"resnet{depth}")
+    @register_model(f"resnet{depth}", stages=STAGE_OUTPUTS)
     def build(num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
         return CifarResNet(depth, num_classes=num_classes, in_channels=in_channels)
 

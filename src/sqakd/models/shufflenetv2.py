@@ -115,7 +115,12 @@ class ShuffleNetV2(nn.Module):
         return self.fc(self.conv5(x).mean(dim=(2, 3)))
 
 
-@register_model("shufflenetv2")
+#: the three unit stages (116, 232, 464 channels at 1/2, 1/4, 1/8 of the stem's output side);
+#: each ends with a channel shuffle that copies, and the 1x1 head ``conv5`` is left out
+STAGE_OUTPUTS = ("stage2", "stage3", "stage4")
+
+
+@register_model("shufflenetv2", stages=STAGE_OUTPUTS)
 def shufflenetv2(num_classes: int = 10, in_channels: int = 3, stem: str = "small") -> ShuffleNetV2:
     """ShuffleNetV2 1.0x (stride-1 stem without max-pool for 32/64 px images by default)."""
     return ShuffleNetV2(num_classes, in_channels, stem)

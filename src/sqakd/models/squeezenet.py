@@ -106,7 +106,12 @@ class SqueezeNet(nn.Module):
         return self.classifier(self.features(x)).flatten(1)
 
 
-@register_model("squeezenet")
+#: the last fire module before each max-pool and the last one (128, 256, 512 channels at 1/2,
+#: 1/4, 1/8 of the stem's output side); a fire module's output is a fresh concatenation
+STAGE_OUTPUTS = ("features.4", "features.7", "features.12")
+
+
+@register_model("squeezenet", stages=STAGE_OUTPUTS)
 def squeezenet(
     num_classes: int = 10, in_channels: int = 3, stem: str = "small", dropout: float = 0.5
 ) -> SqueezeNet:

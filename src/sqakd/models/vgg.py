@@ -74,8 +74,13 @@ class VGG(nn.Module):
         return self.classifier(self.avgpool(x).flatten(1))
 
 
+#: the five stages' outputs, before their max-pool (timm's VGG features are pre-pool too); at
+#: 32 px, layer3 and layer4 both give 4x4 maps
+STAGE_OUTPUTS = ("layer0", "layer1", "layer2", "layer3", "layer4")
+
+
 def _register(name: str) -> None:
-    @register_model(name)
+    @register_model(name, stages=STAGE_OUTPUTS)
     def build(num_classes: int = 10, in_channels: int = 3) -> VGG:
         return VGG(STAGES[name], num_classes=num_classes, in_channels=in_channels)
 
