@@ -16,21 +16,21 @@ import argparse
 import copy
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from _timing import add_kernels_option, interleaved_medians, machine, use_kernels
 
-from sqakd.config import MethodConfig
+from sqakd.config import MethodConfig, TrainConfig
+from sqakd.engine import RunLog, Trainer
 from sqakd.engine.inference import frozen_for_inference
-from sqakd.methods import build_method
+from sqakd.methods import Batch, build_method
 from sqakd.models import build_model
 from sqakd.quant import (
     QuantPolicy,
     calibrate,
-    model_parameters,
     prepare,
-    quantizer_parameters,
     set_quantization,
 )
 
@@ -47,20 +47,16 @@ def float_step(model, images, labels) -> Callable[[], None]:
 
 
 def sqakd_step(teacher, student, images, quantized: bool = True) -> Callable[[], None]:
-    method = build_method(MethodConfig(name="sqakd"))
-    optimizers = [
-        torch.optim.Adam(model_parameters(student), lr=1e-3),
-        torch.optim.Adam(quantizer_parameters(student), lr=1e-5),
-    ]
+    """One batch through the real trainer: SQAKD's losses, then its update (zero-grad, finite
+    check, backward, two Adam optimizers and their schedules)."""
+    trainer = Trainer(student, teacher, build_method(MethodConfig(name="sqakd")), [None],
+                      TrainConfig(epochs=1), torch.device("cpu"), RunLog(Path("."), enabled=False),
+                      progress=False)  # fmt: skip
+    batch = Batch(images, size=images.shape[0])
 
     def step() -> None:
         set_quantization(student, quantized)
-        output = method.training_step(student, teacher, images, None)
-        for optimizer in optimizers:
-            optimizer.zero_grad(set_to_none=True)
-        output.total.backward()
-        for optimizer in optimizers:
-            optimizer.step()
+        trainer.train_step(batch)
         set_quantization(student, True)
 
     return step

@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from .config import Config, _merge, _set_dotted, parse_override, validate_config
+from .config import Config, merge, parse_override, set_dotted, validate_config
 
 FAMILY_KEYS = ("family", "title", "source", "dataset", "base", "teacher", "cells")
 GROUP_KEYS = ("quantizers", "bits", "methods", "set")
@@ -138,8 +138,8 @@ def _nested(settings: dict[str, Any]) -> dict[str, Any]:
         if isinstance(value, dict):
             value = _nested(value)
         single: dict[str, Any] = {}
-        _set_dotted(single, str(key), value)
-        tree = _merge(tree, single)
+        set_dotted(single, str(key), value)
+        tree = merge(tree, single)
     return tree
 
 
@@ -268,7 +268,7 @@ class Budget:
 def _build(tree: dict[str, Any], overrides: Sequence[str]) -> Config:
     tree = copy.deepcopy(tree)
     for text in overrides:
-        _set_dotted(tree, *parse_override(text))
+        set_dotted(tree, *parse_override(text))
     return validate_config(tree)
 
 
@@ -290,11 +290,11 @@ def _budget_tree(budget: Budget, epochs: int | None, limit: int | None) -> dict[
 def teacher_config(family: Family, output: Path, budget: Budget | None = None) -> Config:
     """The full-precision teacher's run: ``base`` + the family's ``teacher`` section."""
     budget = budget or Budget()
-    tree = _merge(_expand_tree(family.base), _expand_tree(family.teacher))
+    tree = merge(_expand_tree(family.base), _expand_tree(family.teacher))
     # the method train_teacher runs, so that a rerun recognises the teacher's folder as done
     identity = {"run.output": str(output / TEACHER_FOLDER), "method.name": "supervised"}
-    tree = _merge(tree, _nested(identity))
-    tree = _merge(tree, _budget_tree(budget, budget.teacher_epochs, budget.teacher_limit_train))
+    tree = merge(tree, _nested(identity))
+    tree = merge(tree, _budget_tree(budget, budget.teacher_epochs, budget.teacher_limit_train))
     return _build(tree, [*budget.overrides, *budget.teacher_overrides])
 
 
@@ -307,7 +307,7 @@ def cell_config(
 ) -> Config:
     """One cell's full run configuration (see the module docstring for the precedence)."""
     budget = budget or Budget()
-    tree = _merge(_expand_tree(family.base), _expand_tree(cell.settings))
+    tree = merge(_expand_tree(family.base), _expand_tree(cell.settings))
     identity = {
         "quant.method": cell.quantizer,
         "quant.weight_bits": cell.weight_bits,
@@ -316,8 +316,8 @@ def cell_config(
         "teacher.checkpoint": str(teacher_checkpoint),
         "run.output": str(output / cell.name),
     }
-    tree = _merge(tree, _nested(identity))
-    tree = _merge(tree, _budget_tree(budget, budget.epochs, budget.limit_train))
+    tree = merge(tree, _nested(identity))
+    tree = merge(tree, _budget_tree(budget, budget.epochs, budget.limit_train))
     return _build(tree, budget.overrides)
 
 

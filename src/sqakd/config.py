@@ -12,7 +12,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from .quant.policy import QuantPolicy
 
@@ -108,11 +115,15 @@ class OptimizerConfig(Section):
 
 
 class TrainConfig(Section):
-    """Epochs, the two optimizers (model weights, quantizer parameters) and checkpoints."""
+    """Epochs, one optimizer per parameter group, and checkpoints. ``weights`` and
+    ``quantizers`` configure the student's two groups; ``optimizers.<group>`` any other group a
+    method has (a trainable teacher, adapters, a generator), falling back to the method's own
+    default, else to ``weights``."""
 
     epochs: int = Field(1, ge=1)
     weights: OptimizerConfig = OptimizerConfig(lr=1e-3, weight_decay=1e-4)
     quantizers: OptimizerConfig = OptimizerConfig(lr=1e-5, weight_decay=0.0)
+    optimizers: dict[str, OptimizerConfig] = {}
     grad_clip: float | None = Field(None, gt=0)
     calibration_batches: int = Field(1, ge=1)
     max_steps_per_epoch: int | None = Field(None, ge=1)
@@ -121,17 +132,45 @@ class TrainConfig(Section):
     ewgs_delta_every_epochs: int | None = Field(None, ge=1)
     ewgs_delta_batches: int = Field(3, ge=1)
 
+    @field_validator("optimizers")
+    @classmethod
+    def _no_student_groups(cls, value: dict[str, OptimizerConfig]) -> dict[str, OptimizerConfig]:
+        for group in ("weights", "quantizers"):
+            if group in value:
+                raise ValueError(
+                    f"set the {group} group with train.{group}, not train.optimizers.{group}"
+                )
+        return value
+
+    def optimizer_for(self, group: str) -> OptimizerConfig | None:
+        """The recipe's settings for ``group``, or ``None`` when it sets none."""
+        if group in ("weights", "quantizers"):
+            return getattr(self, group)
+        return self.optimizers.get(group)
+
 
 class MethodConfig(Section):
-    """The training method and its loss weights (see ``sqakd.methods.available_methods()``)."""
+    """The training method (``name``, see ``sqakd.methods.available_methods()``) and its own
+    typed options as further keys (``method.temperature``, ...): each method validates its
+    keys, and an unknown one is refused with its name. After validation the extra keys hold
+    every option with its resolved value."""
+
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
 
     name: str = "sqakd"
-    temperature: float = Field(4.0, gt=0)
-    alpha: float = Field(1.0, ge=0)
-    gamma: float = Field(0.0, ge=0)
-    beta: float = Field(0.0, ge=0)
-    extra_loss: str | None = None
-    options: dict[str, Any] = {}
+
+    @model_validator(mode="after")
+    def _typed_options(self) -> MethodConfig:
+        from .methods import validate_options  # methods build on config: import when validating
+
+        options = validate_options(self.name, self.__pydantic_extra__ or {})
+        self.__pydantic_extra__ = options.model_dump(mode="json")
+        return self
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The method's options (every key besides ``name``)."""
+        return dict(self.__pydantic_extra__ or {})
 
 
 class Config(Section):
@@ -144,7 +183,7 @@ class Config(Section):
     train: TrainConfig = TrainConfig()
 
 
-def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     keys = dotted.split(".")
     node = tree
     for key in keys[:-1]:
@@ -181,17 +220,17 @@ def load_config(
             raise ValueError(
                 f"config file {path} must hold a mapping of sections (run:, data:, ...)"
             )
-        tree = _merge(tree, loaded)
+        tree = merge(tree, loaded)
     for text in overrides or []:
-        _set_dotted(tree, *parse_override(text))
+        set_dotted(tree, *parse_override(text))
     return validate_config(tree)
 
 
-def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     merged = dict(base)
     for key, value in update.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
+            merged[key] = merge(merged[key], value)
         else:
             merged[key] = value
     return merged
@@ -213,7 +252,10 @@ def _describe(error: ValidationError) -> str:
             messages.append(f"unknown config key {location!r}{_suggest(item['loc'])}")
         elif item["type"] == "value_error":  # our validators' messages name the value
             message = str(item["msg"]).removeprefix("Value error, ")
-            messages.append(f"config key {location!r}: {message}")
+            if message.startswith(("config key ", "unknown config key ")):  # method options
+                messages.append(message)
+            else:
+                messages.append(f"config key {location!r}: {message}")
         else:
             messages.append(f"config key {location!r}: {item['msg']} (got {item.get('input')!r})")
     return "; ".join(messages)

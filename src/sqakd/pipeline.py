@@ -1,7 +1,10 @@
 """The flow a reader should see, one call per arrow:
 
-config -> data -> teacher (build + safe load) -> student = prepare(copy of teacher, policy)
-       -> calibrate -> Trainer(method).fit -> evaluate -> weights, summary, plot in the run folder
+config -> method (its needs, read before anything is built)
+       -> data (only what the method needs) -> teacher (build + safe load)
+       -> student = prepare(copy of teacher, policy) -> teacher_for(the method's role)
+       -> method.setup -> calibrate(method.calibration_images) -> Trainer(models, method).fit
+       -> evaluate -> weights, summary, plot in the run folder
 """
 
 from __future__ import annotations
@@ -9,7 +12,8 @@ from __future__ import annotations
 import copy
 import json
 import platform
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +22,7 @@ from torch import nn
 
 from . import data as datasets
 from . import models
-from .config import Config, DataConfig, dump_config
+from .config import Config, DataConfig, MethodConfig, dump_config
 from .engine import (
     FitResult,
     RunLog,
@@ -38,11 +42,12 @@ from .engine.distributed import (
     run_on_main,
     shutdown_distributed,
 )
-from .engine.inference import frozen_for_inference
+from .engine.teacher import teacher_for
 from .engine.teacher_cache import CachedTeacher
-from .methods import Method, build_method
+from .methods import Batch, DataShapes, Method, Models, Needs, build_method
 from .quant import calibrate, describe, prepare, quantized_layers, quantizer_parameters
 from .quant.kernels import compiled_kernels_enabled, should_compile_kernels, use_compiled_kernels
+from .quant.methods.ewgs import EWGSDeltaSchedule
 
 RUN_MARKERS = ("config.yaml", "metrics.csv", "checkpoints", "summary.json")
 
@@ -76,6 +81,7 @@ class RunResult:
     best_epoch: int = 0
     validation: dict[str, float] = field(default_factory=dict)
     teacher: dict[str, float] = field(default_factory=dict)
+    teacher_after: dict[str, float] = field(default_factory=dict)
     images_per_second: float = 0.0
     minutes: float = 0.0
     float_bytes: int = 0
@@ -143,10 +149,11 @@ def make_loaders(
     bundle: DataBundle,
     config: Config,
     device: torch.device,
-    with_labels: bool,
+    needs: Needs,
     shard: tuple[int, int] | None = None,
 ) -> tuple[Any, Any, Any]:
-    """Training loader (augmented, labels only if the method reads them) and evaluation loaders.
+    """Training loader (augmented; labels and sample indices only if the method reads them; for
+    a data-free method, batches that carry only their size) and evaluation loaders.
 
     With ``shard=(rank, world_size)`` (multi-process runs) the training loader gives this rank
     ``data.batch_size / world_size`` images of every global batch, and the evaluation loaders a
@@ -156,20 +163,30 @@ def make_loaders(
     batch_size = per_rank_batch_size(
         data.batch_size, DistributedContext(rank=rank, world_size=world_size)
     )
-    augment = datasets.BatchAugment(
-        pad=data.augment.crop_padding, flip=data.augment.flip, mean=bundle.mean, std=bundle.std
-    )
-    train = datasets.BatchLoader(
-        bundle.train,
-        batch_size,
-        shuffle=True,
-        augment=augment,
-        drop_last=True,
-        seed=config.run.seed,
-        device=device,
-        with_labels=with_labels,
-        shard=shard,
-    )
+    if needs.data == "none":
+        steps = config.train.max_steps_per_epoch
+        if steps is None:
+            raise ValueError(
+                "a data-free method has no training set to count batches by; set "
+                "train.max_steps_per_epoch (e.g. 200)"
+            )
+        train: Any = datasets.SizeOnlyBatches(batch_size, steps)
+    else:
+        augment = datasets.BatchAugment(
+            pad=data.augment.crop_padding, flip=data.augment.flip, mean=bundle.mean, std=bundle.std
+        )
+        train = datasets.BatchLoader(
+            bundle.train,
+            batch_size,
+            shuffle=True,
+            augment=augment,
+            drop_last=True,
+            seed=config.run.seed,
+            device=device,
+            with_labels=needs.labels,
+            shard=shard,
+            with_index=needs.sample_index,
+        )
     if len(train) == 0:
         raise ValueError(
             f"{len(bundle.train)} training images are fewer than one batch of {data.batch_size}; "
@@ -259,9 +276,7 @@ def _setup(config: Config, device: str | None = None) -> torch.device:
 # ------------------------------------------------------------------------------------- the jobs
 def train_teacher(config: Config, resume: bool = False) -> RunResult:
     """Train a full-precision model with labels (``sqakd train``)."""
-    config = config.model_copy(
-        update={"method": config.method.model_copy(update={"name": "supervised"})}
-    )
+    config = config.model_copy(update={"method": MethodConfig(name="supervised")})
     return run(config, resume=resume)
 
 
@@ -280,7 +295,9 @@ def run(config: Config, resume: bool = False) -> RunResult:
         device = _setup(config, device_name)
         method = build_method(config.method)
         with main_process_first(context):
-            bundle = load_data(config.data, config.run.seed)
+            bundle = load_data(
+                config.data, config.run.seed, need_train=method.needs.data == "train"
+            )
         # record the normalisation in the run's config.yaml so that eval and export reuse it exactly
         config = config.model_copy(
             update={"data": config.data.model_copy(update={"mean": bundle.mean, "std": bundle.std})}
@@ -308,17 +325,17 @@ def _run(
     resume: bool,
     context: DistributedContext = SINGLE_PROCESS,
 ) -> RunResult:
+    needs = method.needs
     shard = (context.rank, context.world_size) if context.enabled else None
-    train_loader, val_loader, test_loader = make_loaders(
-        bundle, config, device, with_labels=method.needs_labels, shard=shard
-    )
+    train_loader, val_loader, test_loader = make_loaders(bundle, config, device, needs, shard)
     # every rank calibrates on the same global first batch (then rank 0's state is broadcast)
+    unsharded = replace(needs, labels=False, sample_index=False)
     calibration_loader = (
-        make_loaders(bundle, config, device, with_labels=False)[0] if shard else train_loader
+        make_loaders(bundle, config, device, unsharded)[0] if shard else train_loader
     )
     teacher = (
         load_teacher(config, bundle, device)
-        if method.needs_teacher or config.teacher.checkpoint
+        if needs.teacher != "none" or config.teacher.checkpoint
         else None
     )
     teacher_metrics = (
@@ -332,8 +349,10 @@ def _run(
             teacher_metrics["top1"],
             teacher_metrics["top5"],
         )
-    student = build_student(config, method, bundle, teacher, device)
-    if method.quantizes_student:
+    student = build_student(config, needs, bundle, teacher, device)
+    models = Models(student, role_teacher(teacher, needs, bundle, config, device, log))
+    method.setup(models, data_shapes(config, bundle, needs))
+    if needs.quantized_student:
         log.info("quantization plan:\n%s", describe(student))
         log.info(
             "quantizer kernels: %s (run.compile: %s)",
@@ -342,21 +361,23 @@ def _run(
         )
         calibrate(
             student,
-            (images for images, _ in calibration_loader),
+            method.calibration_images(as_batches(calibration_loader)),
             config.train.calibration_batches,
         )
     log.info(
-        "method %s, %d training images (%s), %d epochs, %d steps per epoch, device %s",
+        "method %s, %s, %d epochs, %d steps per epoch, device %s",
         config.method.name,
-        len(bundle.train),
-        "labels used" if method.needs_labels else "no labels read",
+        "data-free (no training images read)"
+        if needs.data == "none"
+        else f"{len(bundle.train)} training images "
+        f"({'labels used' if needs.labels else 'no labels read'})",
         config.train.epochs,
         len(train_loader),
         device,
     )
     trainer = Trainer(
         student,
-        training_teacher(teacher, bundle, config, device, log) if teacher is not None else None,
+        models.teacher,
         method,
         train_loader,
         config.train,
@@ -369,14 +390,25 @@ def _run(
         distributed=context,
         sync_batchnorm=config.run.sync_batchnorm,
         channels_last=config.run.channels_last,
+        epoch_hooks=quantizer_hooks(config),
     )
     last_checkpoint = folder / "checkpoints" / "last.pt"
     if resume and (last_checkpoint.exists() or last_checkpoint.with_name("last.pt.prev").exists()):
         trainer.resume(last_checkpoint)
     fit = trainer.fit()
     result = _result(config, method, fit, teacher_metrics, student, folder)
+    trained_teacher = models.teacher if needs.teacher == "trainable" else None
+    if trained_teacher is not None and test_loader:
+        result.teacher_after = evaluate_sharded(trained_teacher, test_loader, device, context)
+        log.info(
+            "teacher after training: top-1 %.2f %% (before: %.2f %%)",
+            result.teacher_after["top1"],
+            teacher_metrics.get("top1", float("nan")),
+        )
     if context.is_main:  # one writer for the run folder
         save_weights(student, folder / "model.safetensors")
+        if trained_teacher is not None:
+            save_weights(trained_teacher, folder / "teacher.safetensors")
         (folder / "summary.json").write_text(json.dumps(asdict(result), indent=2))
         plot_history(
             fit.history, folder / "curves.png", title=f"{config.method.name} {_bits_label(result)}"
@@ -391,13 +423,44 @@ def _run(
     return result
 
 
-def training_teacher(
-    teacher: nn.Module, bundle: DataBundle, config: Config, device: torch.device, log: RunLog
-) -> nn.Module:
-    """The teacher as training runs it: a frozen copy with batch norm folded, and its logits
-    computed once per training image when no random augmentation changes the images between
-    epochs (``teacher.cache_outputs``)."""
-    frozen = frozen_for_inference(teacher)
+def as_batches(loader: Iterable[Any]) -> Iterator[Batch]:
+    """A training loader's items as :class:`~sqakd.methods.Batch` (images and size only)."""
+    for item in loader:
+        if isinstance(item, int):  # a data-free loader's batch: only its size
+            yield Batch(None, size=item)
+        else:
+            yield Batch(item[0], size=int(item[0].shape[0]))
+
+
+def data_shapes(config: Config, bundle: DataBundle, needs: Needs) -> DataShapes:
+    """What a method may size its own modules by."""
+    height, width = bundle.image_size
+    return DataShapes(
+        image_shape=(bundle.in_channels, height, width),
+        num_classes=int(config.model.num_classes or bundle.num_classes or 0),
+        train_size=len(bundle.train) if needs.data == "train" else 0,
+    )
+
+
+def quantizer_hooks(config: Config) -> list[Any]:
+    """Epoch hooks the quantizers ask for: EWGS's delta update (train.ewgs_delta_every_epochs)."""
+    every = config.train.ewgs_delta_every_epochs
+    return [EWGSDeltaSchedule(every, config.train.ewgs_delta_batches)] if every else []
+
+
+def role_teacher(
+    teacher: nn.Module | None,
+    needs: Needs,
+    bundle: DataBundle,
+    config: Config,
+    device: torch.device,
+    log: RunLog,
+) -> nn.Module | None:
+    """The teacher prepared for the method's declared role (:func:`teacher_for`): for a
+    logits-only teacher, its logits computed once per training image when no random
+    augmentation changes the images between epochs (``teacher.cache_outputs``)."""
+    if teacher is None or needs.teacher == "none":
+        return teacher_for(needs.teacher, teacher)
     augment = config.data.augment
     random_augmentation = augment.crop_padding > 0 or augment.flip
     cache = config.teacher.cache_outputs
@@ -406,19 +469,23 @@ def training_teacher(
             "teacher.cache_outputs needs images that repeat every epoch; turn augmentation off "
             "(data.augment.crop_padding=0, data.augment.flip=false) or unset teacher.cache_outputs"
         )
-    if cache is False or (cache is None and random_augmentation):
-        return frozen
-    loader = ordered_loader(bundle.train, bundle, config, device, with_labels=False)
-    cached = CachedTeacher(frozen, (images for images, _ in loader))
-    log.info(
-        "teacher logits of %d training images computed once (no augmentation)", len(cached.table)
-    )
-    return cached
+    automatic = cache is None and needs.teacher == "logits" and needs.data == "train"
+    images = None
+    if cache or (automatic and not random_augmentation):
+        loader = ordered_loader(bundle.train, bundle, config, device, with_labels=False)
+        images = (batch_images for batch_images, _ in loader)
+    prepared = teacher_for(needs.teacher, teacher, images, config.run.channels_last)
+    if isinstance(prepared, CachedTeacher):
+        log.info(
+            "teacher logits of %d training images computed once (no augmentation)",
+            len(prepared.table),
+        )
+    return prepared
 
 
 def build_student(
     config: Config,
-    method: Method,
+    needs: Needs,
     bundle: DataBundle,
     teacher: nn.Module | None,
     device: torch.device,
@@ -431,7 +498,7 @@ def build_student(
     if teacher is not None:
         for parameter in base.parameters():
             parameter.requires_grad_(True)
-    if not method.quantizes_student:
+    if not needs.quantized_student:
         return base.train()
     return prepare(base, config.quant).to(device).train()
 
@@ -450,14 +517,14 @@ def _result(
     student: nn.Module,
     folder: Path,
 ) -> RunResult:
-    quantized = method.quantizes_student
+    quantized = method.needs.quantized_student
     float_bytes, quantized_bytes = weight_storage_bytes(student)
     return RunResult(
         run_dir=str(folder),
         method=config.method.name,
         weight_bits=config.quant.weight_bits if quantized else None,
         act_bits=config.quant.act_bits if quantized else None,
-        labels_used=method.needs_labels,
+        labels_used=method.needs.labels,
         epochs=config.train.epochs,
         last=fit.last,
         best=fit.best,

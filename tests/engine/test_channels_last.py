@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from sqakd.config import MethodConfig, TrainConfig
-from sqakd.engine import RunLog, Trainer
+from sqakd.engine import RunLog, Trainer, teacher_for
 from sqakd.methods import build_method
 from sqakd.quant import QuantPolicy, calibrate, prepare
 
@@ -21,10 +21,11 @@ def run(tmp_path, channels_last: bool):
     student = prepare(copy.deepcopy(teacher), QuantPolicy(method="lsq", first_last="same")).train()
     batches = [(torch.randn(6, 3, 8, 8), None) for _ in range(3)]
     calibrate(student, [batches[0][0]])
+    teacher = teacher_for("logits", teacher, channels_last=channels_last)
     trainer = Trainer(student, teacher, build_method(MethodConfig(name="sqakd")), batches,
                       TrainConfig(epochs=1), torch.device("cpu"), RunLog(tmp_path, enabled=False),
                       progress=False, channels_last=channels_last)  # fmt: skip
-    losses = [trainer.train_step(images, labels)["loss"] for images, labels in batches]
+    losses = [trainer.train_step(trainer.to_batch(batch))["loss"] for batch in batches]
     return student, losses
 
 

@@ -29,10 +29,10 @@ from sqakd.engine import trainer
 KILL_AT = int(os.environ["SQAKD_TEST_KILL_AT"])
 original = trainer.Trainer.train_step
 
-def train_step(self, images, labels):
+def train_step(self, batch):
     if self.step == KILL_AT:
         os.kill(os.getpid(), signal.SIGKILL)
-    return original(self, images, labels)
+    return original(self, batch)
 
 trainer.Trainer.train_step = train_step
 from sqakd.cli import main
@@ -88,10 +88,10 @@ def test_mid_epoch_checkpoint_resumes_at_the_next_batch_with_its_random_state(tm
     interrupted = make_trainer(tmp_path / "cut", batches, checkpoint_every_steps=2)
     original = interrupted.train_step
 
-    def stop_after_four(images, labels):
+    def stop_after_four(batch):
         if interrupted.step == 4:
             raise KeyboardInterrupt
-        return original(images, labels)
+        return original(batch)
 
     interrupted.train_step = stop_after_four
     with pytest.raises(KeyboardInterrupt):

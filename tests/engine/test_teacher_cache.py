@@ -11,7 +11,8 @@ from sqakd.config import load_config
 from sqakd.data import ImageArray
 from sqakd.engine import RunLog
 from sqakd.engine.teacher_cache import CachedTeacher
-from sqakd.pipeline import DataBundle, training_teacher
+from sqakd.methods import Needs
+from sqakd.pipeline import DataBundle, role_teacher
 
 
 class Counting(nn.Module):
@@ -73,8 +74,8 @@ def bundle() -> DataBundle:
 )
 def test_the_pipeline_caches_only_when_images_repeat(tmp_path, settings, cached):
     teacher = Counting().eval()
-    result = training_teacher(teacher, bundle(), load_config(None, settings), torch.device("cpu"),
-                              RunLog(tmp_path, enabled=False))  # fmt: skip
+    result = role_teacher(teacher, Needs(), bundle(), load_config(None, settings),
+                          torch.device("cpu"), RunLog(tmp_path, enabled=False))  # fmt: skip
     assert isinstance(result, CachedTeacher) is cached
     if cached:
         assert len(result.table) == 10
@@ -82,5 +83,19 @@ def test_the_pipeline_caches_only_when_images_repeat(tmp_path, settings, cached)
 
 def test_forcing_the_cache_with_augmentation_is_refused(tmp_path):
     with pytest.raises(ValueError, match="data.augment.crop_padding=0"):
-        training_teacher(Counting().eval(), bundle(), load_config(None, ["teacher.cache_outputs=true"]),
-                         torch.device("cpu"), RunLog(tmp_path, enabled=False))  # fmt: skip
+        role_teacher(Counting().eval(), Needs(), bundle(),
+                     load_config(None, ["teacher.cache_outputs=true"]), torch.device("cpu"),
+                     RunLog(tmp_path, enabled=False))  # fmt: skip
+
+
+def test_only_a_logits_teacher_is_cached(tmp_path):
+    settings = ["data.augment.crop_padding=0", "data.augment.flip=false"]
+    for role in ("features", "trainable"):
+        teacher = role_teacher(Counting().eval(), Needs(teacher=role), bundle(),
+                               load_config(None, settings), torch.device("cpu"),
+                               RunLog(tmp_path, enabled=False))  # fmt: skip
+        assert not isinstance(teacher, CachedTeacher) and teacher.images_seen == 0
+    with pytest.raises(ValueError, match="reads only the teacher's logits"):
+        role_teacher(Counting().eval(), Needs(teacher="features"), bundle(),
+                     load_config(None, [*settings, "teacher.cache_outputs=true"]),
+                     torch.device("cpu"), RunLog(tmp_path, enabled=False))  # fmt: skip

@@ -6,8 +6,8 @@ from torch import nn
 
 from sqakd.config import MethodConfig, TrainConfig
 from sqakd.distill import kd_kl_divergence
-from sqakd.engine import RunLog, Trainer, TrainingDiverged
-from sqakd.methods import StepOutput, build_method
+from sqakd.engine import RunLog, Trainer, TrainingDiverged, teacher_for
+from sqakd.methods import Batch, Models, Phase, build_method
 from sqakd.quant import QuantPolicy, calibrate, model_parameters, prepare, quantizer_parameters
 
 
@@ -62,8 +62,9 @@ def trainer_for(student, teacher, method, loader, tmp_path, **train):
 
 def test_default_sqakd_reads_no_labels_and_needs_teacher():
     method = build_method(MethodConfig())
-    assert method.needs_teacher and not method.needs_labels
-    assert build_method(MethodConfig(gamma=0.5)).needs_labels
+    assert method.needs.teacher == "logits" and not method.needs.labels
+    assert build_method(MethodConfig(gamma=0.5)).needs.labels
+    assert build_method(MethodConfig(name="qat")).needs.teacher == "none"
 
 
 def test_loss_is_alpha_t2_kl_plus_gamma_ce():
@@ -72,22 +73,24 @@ def test_loss_is_alpha_t2_kl_plus_gamma_ce():
     images, labels = torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 3])
     calibrate(student, [images])
     method = build_method(MethodConfig(alpha=0.7, gamma=0.3, temperature=3.0))
-    output = method.training_step(student, teacher, images, labels)
+    models = Models(student, teacher_for("logits", teacher))
+    losses = method.losses(models, Batch(images, labels, size=4), Phase("train", 1))
     with torch.no_grad():
-        expected_kd = 0.7 * kd_kl_divergence(output.logits, teacher(images), 3.0)
-        expected_ce = 0.3 * nn.functional.cross_entropy(output.logits, labels)
-    torch.testing.assert_close(output.losses["kd"].detach(), expected_kd)
-    torch.testing.assert_close(output.losses["ce"].detach(), expected_ce)
-    assert set(output.losses) == {"kd", "ce"}
+        logits = student(images)
+        expected_kd = 0.7 * kd_kl_divergence(logits, teacher(images), 3.0)
+        expected_ce = 0.3 * nn.functional.cross_entropy(logits, labels)
+    torch.testing.assert_close(losses["kd"].detach(), expected_kd)
+    torch.testing.assert_close(losses["ce"].detach(), expected_ce)
+    assert set(losses) == {"kd", "ce"}
 
 
-def test_gamma_needs_labels_and_all_zero_is_refused():
-    teacher = small_net().eval()
-    method = build_method(MethodConfig(gamma=1.0))
-    with pytest.raises(ValueError, match="needs labels"):
-        method.training_step(student_of(teacher), teacher, torch.randn(2, 3, 8, 8), None)
+def test_all_zero_weights_and_a_missing_extra_loss_are_refused():
     with pytest.raises(ValueError, match="nothing to train"):
         build_method(MethodConfig(alpha=0, gamma=0, beta=0))
+    with pytest.raises(ValueError, match="method.extra_loss"):
+        build_method(MethodConfig(beta=1.0))
+    with pytest.raises(ValueError, match="'method.extra_loss'.*not a registered loss"):
+        build_method(MethodConfig(beta=1.0, extra_loss="nope"))
 
 
 def test_optimizers_hold_the_right_parameters(tmp_path):
@@ -95,7 +98,7 @@ def test_optimizers_hold_the_right_parameters(tmp_path):
     student = student_of(teacher)
     trainer = trainer_for(
         student,
-        teacher,
+        teacher_for("logits", teacher),
         build_method(MethodConfig()),
         NoLabels([torch.randn(2, 3, 8, 8)]),
         tmp_path,
@@ -117,13 +120,14 @@ def test_training_lowers_kl_and_leaves_teacher_untouched(tmp_path, cifar_images)
     with torch.no_grad():
         teacher(cifar_images)
         teacher[-1].weight.mul_(20)  # confident teacher: a target far from uniform
-    teacher.eval()
-    before = copy.deepcopy(teacher.state_dict())
     student = student_of(teacher, bits=2).train()
+    teacher = teacher_for("features", teacher)  # frozen and unfolded: its state is comparable
+    before = copy.deepcopy(teacher.state_dict())
     calibrate(student, [cifar_images[:64]])
     batches = list(cifar_images.split(64))
     method = build_method(MethodConfig())
     trainer = trainer_for(student, teacher, method, NoLabels(batches), tmp_path, epochs=6)
+    assert method.needs.teacher == "logits"  # a features-role copy is frozen too: accepted
 
     def kl() -> float:  # the training objective, measured the way it is trained (batch statistics)
         with torch.no_grad():
@@ -140,9 +144,10 @@ def test_training_lowers_kl_and_leaves_teacher_untouched(tmp_path, cifar_images)
 
 
 def test_trainer_checkpoint_round_trip_restores_outputs(tmp_path):
-    teacher = small_net().eval()
+    network = small_net()
+    teacher = teacher_for("logits", network)
     images = torch.randn(8, 3, 8, 8)
-    student = student_of(teacher, bits=4)
+    student = student_of(network, bits=4)
     calibrate(student, [images])
     trainer = trainer_for(
         student, teacher, build_method(MethodConfig()), NoLabels([images]), tmp_path, epochs=2
@@ -161,16 +166,15 @@ def test_trainer_checkpoint_round_trip_restores_outputs(tmp_path):
 
 def test_nan_loss_stops_with_a_clear_message(tmp_path):
     class Broken(build_method(MethodConfig(name="qat")).__class__):
-        def training_step(self, student, teacher, images, labels):
-            logits = student(images)
-            return StepOutput(logits, {"ce": logits.sum() * float("nan")})
+        def losses(self, models, batch, phase):
+            return {"ce": models.student(batch.images).sum() * float("nan")}
 
     student = prepare(small_net(), QuantPolicy())
     loader = [(torch.randn(2, 3, 8, 8), torch.tensor([0, 1]))]
     trainer = Trainer(
         student,
         None,
-        Broken(MethodConfig(name="qat")),
+        Broken(),
         loader,
         TrainConfig(),
         torch.device("cpu"),

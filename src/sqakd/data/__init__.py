@@ -13,10 +13,10 @@ from .decode import decode_images
 from .files import IMAGE_EXTENSIONS, list_images
 from .formats import available_formats, default_cache_dir, load_images, register_format
 from .idx import FASHION_MNIST_CLASSES, load_fashion_mnist, read_idx
-from .loader import BatchLoader
+from .loader import BatchLoader, SizeOnlyBatches
 
 __all__ = [
-    "FASHION_MNIST_CLASSES", "IMAGE_EXTENSIONS", "BatchAugment", "BatchLoader", "ImageArray",
+    "FASHION_MNIST_CLASSES", "IMAGE_EXTENSIONS", "BatchAugment", "BatchLoader", "SizeOnlyBatches", "ImageArray",
     "RestrictedUnpickler", "available_formats", "cache_key", "channel_stats", "decode_images",
     "default_cache_dir", "list_images", "load_decoded", "load_fashion_mnist", "load_images",
     "load_pickle", "normalize", "read_idx", "register_format", "to_float",

@@ -32,7 +32,9 @@ class BatchLoader:
 
     ``images`` is float32 (N, C, H, W) on ``device``: augmented by ``augment`` when given, else
     scaled to [0, 1] and normalised with ``mean``/``std`` when given. ``labels`` is int64 (N,), or
-    ``None`` when ``with_labels=False``, in which case ``data.labels`` is never read.
+    ``None`` when ``with_labels=False``, in which case ``data.labels`` is never read. With
+    ``with_index=True`` each batch is ``(images, labels, index)``, ``index`` holding every
+    image's position in ``data`` (int64, on the CPU).
 
     Call :meth:`set_epoch` before each epoch; ``set_epoch(e, start_batch=k)`` (or
     :meth:`skip_batches`) makes the next iteration start at batch k of epoch e, yielding exactly
@@ -52,6 +54,7 @@ class BatchLoader:
         device: str | torch.device = "cpu",
         with_labels: bool = True,
         shard: tuple[int, int] | None = None,
+        with_index: bool = False,
     ) -> None:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
@@ -81,6 +84,7 @@ class BatchLoader:
         self.augment = augment
         self.mean, self.std = mean, std
         self.drop_last = drop_last
+        self.with_index = with_index
         self.seed = seed
         self.device = torch.device(device)
         self.rank, self.world_size = rank, world_size
@@ -127,12 +131,13 @@ class BatchLoader:
             order = order.repeat(repeats + 1)[:padded_length]
         return order[self.rank : padded_length : self.world_size]
 
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor | None]]:
+    def __iter__(self) -> Iterator[tuple[Tensor, ...]]:
         order = self.indices()
         start, self.start_batch = self.start_batch, 0
         for batch_index in range(start, len(self)):
             index = order[batch_index * self.batch_size : (batch_index + 1) * self.batch_size]
-            yield self._batch(index, batch_index)
+            images, labels = self._batch(index, batch_index)
+            yield (images, labels, index) if self.with_index else (images, labels)
 
     def _batch(self, index: Tensor, batch_index: int) -> tuple[Tensor, Tensor | None]:
         images = self._to_device(self.images[index].contiguous())
@@ -148,3 +153,30 @@ class BatchLoader:
         if self.device.type == "cuda":
             return tensor.pin_memory().to(self.device, non_blocking=True)
         return tensor.to(self.device)
+
+
+class SizeOnlyBatches:
+    """The training "loader" of a data-free method: ``steps`` batches per epoch that carry only
+    their size (the method makes its own images). Resumes like :class:`BatchLoader`."""
+
+    def __init__(self, batch_size: int, steps: int) -> None:
+        if batch_size < 1 or steps < 1:
+            raise ValueError(f"batch_size and steps must be >= 1, got {batch_size} and {steps}")
+        self.batch_size, self.steps, self.start_batch = batch_size, steps, 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.skip_batches(start_batch)
+
+    def skip_batches(self, count: int) -> None:
+        if not 0 <= count <= self.steps:
+            raise ValueError(f"cannot start at batch {count}: an epoch has {self.steps} batches")
+        self.start_batch = int(count)
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self) -> Iterator[int]:
+        """Each batch is its size."""
+        start, self.start_batch = self.start_batch, 0
+        for _ in range(start, self.steps):
+            yield self.batch_size

@@ -192,6 +192,25 @@ def broadcast_module_state(module: nn.Module, context: DistributedContext, src: 
         dist.broadcast(tensor.data, src=src)
 
 
+@torch.no_grad()
+def average_gradients(parameters: Iterable[nn.Parameter], context: DistributedContext) -> None:
+    """Average the gradients of ``parameters`` over ranks (for modules that no
+    DistributedDataParallel wrapper syncs: a method's adapters or generator, a trainable
+    teacher). One all-reduce of the flattened gradients."""
+    if not context.enabled:
+        return
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= context.world_size
+    offset = 0
+    for grad in grads:
+        grad.copy_(flat[offset : offset + grad.numel()].view_as(grad))
+        offset += grad.numel()
+
+
 # ---------------------------------------------------------------------------------- evaluation
 class _Counted:
     """Yields a loader's batches and counts the labeled images."""
@@ -342,6 +361,7 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 __all__ = [
     "SINGLE_PROCESS",
     "CPUSyncBatchNorm",
+    "average_gradients",
     "DistributedContext",
     "barrier",
     "broadcast_module_state",

@@ -1,24 +1,33 @@
-"""The training loop shared by every method: epochs, optimizers per parameter group, evaluation,
-checkpoints (also mid-epoch, for exact resume), logs and a progress bar, in one process or in
-several under torchrun. What a step computes belongs to the method."""
+"""The training loop shared by every method: epochs and phases, one optimizer and schedule per
+parameter group, evaluation, checkpoints (also mid-epoch, for exact resume), logs and a progress
+bar, in one process or in several under torchrun. What a step computes belongs to the method
+(:mod:`sqakd.methods.base`): the trainer hands it the models, the batch and a :class:`TrainerStep`
+whose ``update`` does the optimisation."""
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..config import TrainConfig
-from ..methods.base import Method
-from ..quant.layers import model_parameters, quantizer_parameters
+from ..methods.base import (
+    TEACHER_GROUP,
+    Batch,
+    Method,
+    Models,
+    Phase,
+    check_phases,
+    phase_at,
+)
 from .checkpoint import (
     atomic_torch_save,
     capture_rng_state,
@@ -29,6 +38,7 @@ from .checkpoint import (
 from .distributed import (
     SINGLE_PROCESS,
     DistributedContext,
+    average_gradients,
     broadcast_module_state,
     convert_sync_batchnorm,
     evaluate_sharded,
@@ -40,12 +50,28 @@ from .distributed import (
 )
 from .logs import RunLog
 from .optim import build_optimizer, build_scheduler
+from .teacher import check_teacher_role
 
 CHECKPOINT_FORMAT = 2
 
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+class EpochHook(Protocol):
+    """Called at the start of every epoch (before its first batch), e.g. EWGS's delta update
+    (:class:`sqakd.quant.methods.ewgs.EWGSDeltaSchedule`). ``loss(network, batch)`` is the
+    method's summed loss on one raw loader batch with ``network`` as the student; ``batches``
+    are this epoch's batches (the loader is rewound afterwards, so training sees the same ones)."""
+
+    def __call__(
+        self,
+        epoch: int,
+        model: nn.Module,
+        loss: Callable[[nn.Module, Any], Tensor],
+        batches: Iterator[Any],
+    ) -> Any: ...
 
 
 @dataclass
@@ -59,28 +85,39 @@ class FitResult:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
-def parameter_groups(student: nn.Module, method: Method) -> dict[str, list[nn.Parameter]]:
-    """``weights`` (everything but quantizers) and, for quantized students, ``quantizers``."""
-    groups = {"weights": [p for p in model_parameters(student) if p.requires_grad]}
-    quant = [p for p in quantizer_parameters(student) if p.requires_grad]
-    if method.quantizes_student and quant:
-        groups["quantizers"] = quant
-    return groups
+class TrainerStep:
+    """The :class:`~sqakd.methods.base.Step` handle of one batch."""
+
+    def __init__(self, trainer: Trainer, phase: Phase) -> None:
+        self.trainer, self.phase = trainer, phase
+        self.epoch, self.device = trainer.epoch, torch.device(trainer.device)
+
+    def update(self, losses: Mapping[str, Tensor], groups: Sequence[str] | None = None) -> None:
+        self.trainer.update(losses, self.phase, groups)
 
 
 class Trainer:
     """Runs ``method`` on ``student`` for ``config.epochs`` epochs.
 
-    ``train_loader`` yields ``(images, labels or None)`` and has ``__len__``; ``set_epoch(e)``
-    and ``skip_batches(k)`` are used when present (a loader without ``skip_batches`` is
-    fast-forwarded by drawing and dropping k batches on a mid-epoch resume).
+    ``teacher`` must already be prepared for the method's declared role
+    (:func:`sqakd.engine.teacher.teacher_for`). ``train_loader`` yields ``(images, labels or
+    None)``, ``(images, labels, index)``, :class:`~sqakd.methods.base.Batch` items or, for a
+    data-free method, batch sizes (:class:`~sqakd.data.SizeOnlyBatches`), and has
+    ``__len__``; ``set_epoch(e)`` and ``skip_batches(k)`` are used when present (a loader without
+    ``skip_batches`` is fast-forwarded by drawing and dropping k batches on a mid-epoch resume).
     ``eval_loader``/``val_loader`` yield labeled batches (either may be ``None``).
+
+    Optimizers: one per non-empty group of ``method.parameter_groups``, with the settings of
+    ``config.optimizer_for(group)`` or else ``method.optimizer_settings(group, config.weights)``;
+    each group's schedule spans the steps of the phases that train it.
 
     Multi-process (``distributed`` from :func:`~sqakd.engine.distributed.init_distributed`):
     the loaders must already give this rank's shard; the student is wrapped in
-    ``DistributedDataParallel`` (with synchronised batch norm when ``sync_batchnorm``), metrics
-    are reduced over ranks, and only rank 0 writes checkpoints and logs. ``self.student`` is
-    always the plain model; ``self.model`` is what the method calls (the DDP wrapper, if any).
+    ``DistributedDataParallel`` (with synchronised batch norm when ``sync_batchnorm``), the
+    gradients of groups outside the student (adapters, a trainable teacher) are averaged over
+    ranks in :meth:`update`, metrics are reduced over ranks, and only rank 0 writes checkpoints
+    and logs. ``self.student`` is always the plain model; ``self.model`` is what the method
+    calls (the DDP wrapper, if any).
     """
 
     def __init__(
@@ -99,85 +136,165 @@ class Trainer:
         distributed: DistributedContext | None = None,
         sync_batchnorm: bool = False,
         channels_last: bool = False,
+        epoch_hooks: Sequence[EpochHook] = (),
     ) -> None:
         self.context = distributed or SINGLE_PROCESS
+        needs = method.needs
+        check_teacher_role(needs.teacher, teacher)
         if sync_batchnorm and self.context.enabled:
             student = convert_sync_batchnorm(student, torch.device(device))
-        # NHWC for models, teacher and batches (run.channels_last): faster convolutions on CPU
-        # with the compiled quantizer kernels; values are the same up to float rounding
+        # NHWC for the student and batches (run.channels_last): faster convolutions on CPU with
+        # the compiled quantizer kernels; values are the same up to float rounding. The teacher
+        # is converted where it is prepared (teacher_for).
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         if channels_last:
             student.to(memory_format=torch.channels_last)
-            if teacher is not None:
-                teacher.to(memory_format=torch.channels_last)
+        method.to(device)
         self.student, self.teacher, self.method = student, teacher, method
         self.train_loader, self.eval_loader, self.val_loader = train_loader, eval_loader, val_loader
         self.config, self.device, self.log = config, device, log
         self.checkpoint_dir = checkpoint_dir
+        self.epoch_hooks = list(epoch_hooks)
         self.progress = progress and self.context.is_main
         self.steps_per_epoch = len(train_loader)
         if config.max_steps_per_epoch:
             self.steps_per_epoch = min(self.steps_per_epoch, config.max_steps_per_epoch)
-        total_steps = self.steps_per_epoch * config.epochs
-        settings = {"weights": config.weights, "quantizers": config.quantizers}
-        self.optimizers = {
-            name: build_optimizer(params, settings[name])
-            for name, params in parameter_groups(student, method).items()
-        }
-        self.schedulers = {
-            name: build_scheduler(opt, settings[name], total_steps, self.steps_per_epoch)
-            for name, opt in self.optimizers.items()
-        }
-        # identical quantizer ranges and weights on every rank before the first step
-        broadcast_module_state(student, self.context)
+        groups = method.parameter_groups(Models(student, teacher))
+        self.phases = method.phases(config.epochs)
+        check_phases(self.phases, config.epochs, groups)
+        self.group_names = set(groups)
+        self.groups = {name: params for name, params in groups.items() if params}
+        if not self.groups:
+            raise ValueError(
+                "nothing to train: no parameter of the student or the method requires gradients "
+                "(was the student copied from a frozen teacher?)"
+            )
+        self.optimizers = {}
+        self.schedulers = {}
+        for name, params in self.groups.items():
+            settings = config.optimizer_for(name) or method.optimizer_settings(name, config.weights)
+            trained_epochs = sum(p.epochs for p in self.phases if self._trains(p, name))
+            self.optimizers[name] = build_optimizer(params, settings)
+            self.schedulers[name] = build_scheduler(
+                self.optimizers[name],
+                settings,
+                self.steps_per_epoch * trained_epochs,
+                self.steps_per_epoch,
+            )
+        # identical quantizer ranges, weights and method state on every rank before the first step
+        student_ids = {id(p) for p in student.parameters()}
+        self._synced_apart = {  # groups no DDP wrapper syncs
+            name for name, params in self.groups.items()
+            if any(id(p) not in student_ids for p in params)
+        }  # fmt: skip
+        for module in (student, method, teacher if needs.teacher == "trainable" else None):
+            if module is not None:
+                broadcast_module_state(module, self.context)
         self.model = wrap_for_training(
             student,
             self.context,
             torch.device(device),
-            find_unused_parameters=getattr(method, "find_unused_parameters", False),
+            find_unused_parameters=needs.find_unused_parameters,
         )
+        self.models = Models(self.model, teacher)
         self.epoch = 0  # completed epochs
-        self.step = 0  # completed optimizer steps over the whole run
-        self.batch_in_epoch = 0  # completed steps of the current epoch (mid-epoch resume)
+        self.step = 0  # completed batches over the whole run
+        self.batch_in_epoch = 0  # completed batches of the current epoch (mid-epoch resume)
         self.epoch_sums: dict[str, float] = {}  # running loss sums of the current epoch
         self.epoch_images = 0
         self.best_score = -math.inf
         self.result = FitResult()
-        if teacher is not None:
-            teacher.eval()
-            for parameter in teacher.parameters():
-                parameter.requires_grad_(False)
+
+    # ----------------------------------------------------------------------------- phases
+    def _trains(self, phase: Phase, group: str) -> bool:
+        return phase.trains is None or group in phase.trains
+
+    @property
+    def phase(self) -> Phase:
+        """The phase of the current epoch (a pure function of the epoch counter)."""
+        return phase_at(self.phases, self.epoch)
+
+    def _enter_phase(self, phase: Phase) -> None:
+        """Train/eval modes for the phase: the student and the method train; a trainable teacher
+        trains only in phases that train its group."""
+        self.model.train()
+        self.method.train()
+        if self.method.needs.teacher == "trainable" and self.teacher is not None:
+            self.teacher.train(self._trains(phase, TEACHER_GROUP))
+        first_epoch = sum(p.epochs for p in self.phases[: self.phases.index(phase)])
+        if len(self.phases) > 1 and self.epoch == first_epoch and self.batch_in_epoch == 0:
+            trained = ", ".join(g for g in self.groups if self._trains(phase, g))
+            self.log.info(
+                "phase %s: epochs %d-%d, training %s",
+                phase.name, first_epoch + 1, first_epoch + phase.epochs, trained,
+            )  # fmt: skip
 
     # ------------------------------------------------------------------------------- one step
-    def train_step(self, images: Tensor, labels: Tensor | None) -> dict[str, float]:
-        """One optimizer step on one batch; returns this rank's loss values."""
-        images = images.to(self.device, non_blocking=True)
-        if images.dim() == 4:
-            images = images.contiguous(memory_format=self.memory_format)
-        if labels is not None:
-            labels = labels.to(self.device, non_blocking=True)
-        output = self.method.training_step(self.model, self.teacher, images, labels)
-        loss = output.total
-        if not torch.isfinite(loss):
+    def update(
+        self, losses: Mapping[str, Tensor], phase: Phase, groups: Sequence[str] | None = None
+    ) -> None:
+        """zero-grad -> finite check -> backward of the summed losses -> clip -> optimizer and
+        schedule steps, for ``groups`` (default: every group ``phase`` trains)."""
+        trained = [g for g in self.groups if self._trains(phase, g)]
+        if groups is None:
+            names = trained
+        else:
+            stray = [g for g in groups if g not in self.group_names or not self._trains(phase, g)]
+            if stray:
+                raise ValueError(
+                    f"update of group {stray[0]!r}, which phase {phase.name!r} does not train "
+                    f"(it trains: {', '.join(trained) or 'nothing'})"
+                )
+            names = [g for g in groups if g in self.groups]  # empty groups have no optimizer
+        if not losses:
+            raise ValueError("update got no loss; return at least one named loss term")
+        total = sum(losses.values())
+        if not torch.isfinite(total):
             raise TrainingDiverged(
-                f"loss became {float(loss.detach())} at epoch {self.epoch + 1}, step {self.step}; the last good "
+                f"loss became {float(total.detach())} at epoch {self.epoch + 1}, step {self.step}; the last good "
                 "checkpoint is kept. Lower train.weights.lr or set train.grad_clip (e.g. 5.0)"
             )
-        for optimizer in self.optimizers.values():
-            optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        for name in names:
+            self.optimizers[name].zero_grad(set_to_none=True)
+        total.backward()
+        for name in names:
+            if name in self._synced_apart:
+                average_gradients(self.groups[name], self.context)
         if self.config.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.config.grad_clip)
-        for optimizer in self.optimizers.values():
-            optimizer.step()
-        for scheduler in self.schedulers.values():
-            scheduler.step()
+            params = [p for name in names for p in self.groups[name]]
+            torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip)
+        for name in names:
+            self.optimizers[name].step()
+            self.schedulers[name].step()
+
+    def to_batch(self, item: Any) -> Batch:
+        """A loader's item as a :class:`Batch` on the training device."""
+        if isinstance(item, Batch):
+            batch = item
+        elif isinstance(item, int):  # a data-free loader's batch: only its size
+            batch = Batch(None, size=item)
+        else:
+            images, labels, *rest = item
+            index = rest[0] if rest else None
+            batch = Batch(images, labels, index, 0 if images is None else int(images.shape[0]))
+        images = batch.images
+        if images is not None:
+            images = images.to(self.device, non_blocking=True)
+            if images.dim() == 4:
+                images = images.contiguous(memory_format=self.memory_format)
+        labels = None if batch.labels is None else batch.labels.to(self.device, non_blocking=True)
+        size = batch.size or (0 if images is None else int(images.shape[0]))
+        return Batch(images, labels, batch.index, size)
+
+    def train_step(self, batch: Batch) -> dict[str, float]:
+        """One batch through the method's step; returns this rank's loss values."""
+        losses = self.method.training_step(self.models, batch, TrainerStep(self, self.phase))
         self.step += 1
-        values = {name: float(value.detach()) for name, value in output.losses.items()}
-        values["loss"] = float(loss.detach())
+        values = {name: float(value.detach()) for name, value in losses.items()}
+        values["loss"] = sum(values.values())
         return values
 
-    def _batches(self) -> Iterator[tuple[Tensor, Tensor | None]]:
+    def _batches(self) -> Iterator[Any]:
         """This epoch's batches from ``batch_in_epoch`` on."""
         loader, start = self.train_loader, self.batch_in_epoch
         if hasattr(loader, "set_epoch"):
@@ -189,13 +306,15 @@ class Trainer:
 
     def train_epoch(self) -> dict[str, float]:
         """Train the rest of the current epoch; return its mean losses (over ranks) and speed."""
-        self.model.train()
+        phase = self.phase
+        self._enter_phase(phase)
         images_now = 0
         start = time.perf_counter()
+        label = f" ({phase.name})" if len(self.phases) > 1 else ""
         bar = tqdm(
             total=self.steps_per_epoch,
             initial=self.batch_in_epoch,
-            desc=f"epoch {self.epoch + 1}/{self.config.epochs}",
+            desc=f"epoch {self.epoch + 1}/{self.config.epochs}{label}",
             unit="batch",
             disable=not self.progress,
             dynamic_ncols=True,
@@ -203,15 +322,15 @@ class Trainer:
         )
         batches = self._batches()
         while self.batch_in_epoch < self.steps_per_epoch:
-            batch = next(batches, None)
-            if batch is None:
+            item = next(batches, None)
+            if item is None:
                 break
-            images, labels = batch
-            values = self.train_step(images, labels)
+            batch = self.to_batch(item)
+            values = self.train_step(batch)
             for name, value in values.items():
                 self.epoch_sums[name] = self.epoch_sums.get(name, 0.0) + value
-            self.epoch_images += images.shape[0]
-            images_now += images.shape[0]
+            self.epoch_images += batch.size
+            images_now += batch.size
             self.batch_in_epoch += 1
             if self.progress:
                 bar.update(1)
@@ -239,6 +358,23 @@ class Trainer:
             and self.batch_in_epoch < self.steps_per_epoch  # the epoch's end writes its own
         )
 
+    def run_epoch_hooks(self) -> None:
+        """Each epoch hook on this epoch's batches, with the method's summed loss; the loader is
+        rewound afterwards (``set_epoch``), so training sees the same batches as without them."""
+        phase = self.phase
+
+        def loss(network: nn.Module, item: Any) -> Tensor:
+            batch = self.to_batch(item)
+            return sum(self.method.losses(Models(network, self.teacher), batch, phase).values())
+
+        model = unwrap_model(self.model)
+        for hook in self.epoch_hooks:
+            loader = self.train_loader
+            if hasattr(loader, "set_epoch"):
+                loader.set_epoch(self.epoch)
+            model.train()
+            hook(epoch=self.epoch, model=model, loss=loss, batches=iter(loader))
+
     # ------------------------------------------------------------------------------- the run
     def evaluate(self, loader: Iterable) -> dict[str, float]:
         """Top-1/top-5/loss of the student on ``loader`` (every rank its shard, then reduced)."""
@@ -250,9 +386,9 @@ class Trainer:
         start = time.perf_counter()
         rates = []
         while self.epoch < self.config.epochs:
-            row: dict[str, Any] = {"epoch": self.epoch + 1}
-            if self._ewgs_update_due():
-                self.update_ewgs_deltas()
+            row: dict[str, Any] = {"epoch": self.epoch + 1, "phase": self.phase.name}
+            if self.batch_in_epoch == 0 and self.epoch_hooks:
+                self.run_epoch_hooks()
             row.update(self.train_epoch())
             rates.append(row["images_per_s"])
             for name, optimizer in self.optimizers.items():
@@ -267,38 +403,6 @@ class Trainer:
         self.result.seconds = time.perf_counter() - start
         self.result.images_per_second = sum(rates) / len(rates) if rates else 0.0
         return self.result
-
-    # -------------------------------------------------------------------- EWGS delta update
-    def _ewgs_update_due(self) -> bool:
-        every = getattr(self.config, "ewgs_delta_every_epochs", None)
-        return bool(every) and self.batch_in_epoch == 0 and self.epoch % every == 0
-
-    def update_ewgs_deltas(self) -> dict[str, float]:
-        """EWGS's Hessian-based delta update (Lee et al., Sec. 3.3) on the first
-        ``train.ewgs_delta_batches`` batches of this epoch, with this method's own loss. The
-        loader is rewound afterwards (``set_epoch``), so training sees the same batches as
-        without the update. Under DDP the deltas are buffers, broadcast from rank 0."""
-        from ..quant.methods.ewgs import update_ewgs_deltas
-
-        model = unwrap_model(self.model)
-
-        def loss(network: nn.Module, batch: Any) -> Tensor:
-            images, labels = batch
-            return self.method.training_step(network, self.teacher, images, labels).total
-
-        loader = self.train_loader
-        if hasattr(loader, "set_epoch"):
-            loader.set_epoch(self.epoch)
-        model.train()
-        count = getattr(self.config, "ewgs_delta_batches", 3)
-        deltas = update_ewgs_deltas(model, loss, islice(iter(loader), count), num_batches=count)
-        if deltas:
-            values = sorted(deltas.values())
-            self.log.info(
-                "EWGS delta update (epoch %d): %d quantizers, delta %.3g .. %.3g (median %.3g)",
-                self.epoch + 1, len(values), values[0], values[-1], values[len(values) // 2],
-            )  # fmt: skip
-        return deltas
 
     def _record(self, row: dict[str, Any]) -> None:
         self.result.history.append(row)
@@ -349,6 +453,7 @@ class Trainer:
         state = {
             "format": CHECKPOINT_FORMAT,
             "student": self.student.state_dict(),
+            **self._trainable_teacher_state(),
             "method": self.method.state_dict(),
             "optimizers": {k: v.state_dict() for k, v in self.optimizers.items()},
             "schedulers": {k: v.state_dict() for k, v in self.schedulers.items()},
@@ -369,6 +474,12 @@ class Trainer:
             state["loader"] = self.train_loader.state_dict()
         return state
 
+    def _trainable_teacher_state(self) -> dict[str, Any]:
+        """A trainable teacher is part of the run: checkpointed beside the student."""
+        if self.method.needs.teacher == "trainable" and self.teacher is not None:
+            return {"teacher": self.teacher.state_dict()}
+        return {}
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         batch_in_epoch = int(state.get("batch_in_epoch", 0))
         saved_world = int(state.get("world_size", 1))
@@ -379,6 +490,13 @@ class Trainer:
                 "end-of-epoch checkpoint (train.checkpoint_every_steps unset)"
             )
         self.student.load_state_dict(state["student"])
+        if self.method.needs.teacher == "trainable" and self.teacher is not None:
+            if "teacher" not in state:
+                raise ValueError(
+                    "the checkpoint holds no trainable teacher, but this method trains one; "
+                    "resume with the method that wrote it"
+                )
+            self.teacher.load_state_dict(state["teacher"])
         self.method.load_state_dict(state["method"])
         for name, optimizer in self.optimizers.items():
             optimizer.load_state_dict(state["optimizers"][name])

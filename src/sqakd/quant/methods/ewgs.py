@@ -21,8 +21,10 @@ the bias in float units.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Iterable
+from itertools import islice
 from typing import Any
 
 import torch
@@ -221,3 +223,36 @@ def update_ewgs_deltas(
         if name in deltas:
             quantizer.delta.fill_(deltas[name])
     return deltas
+
+
+class EWGSDeltaSchedule:
+    """EWGS's delta update as an epoch hook (``train.ewgs_delta_every_epochs``): at the start of
+    every ``every``-th epoch (0, every, 2 every, ...), :func:`update_ewgs_deltas` on the epoch's
+    first ``batches`` batches with the method's own loss. The trainer calls it with
+    ``(epoch, model, loss, batches)`` and rewinds its loader afterwards. Under DDP the deltas are
+    buffers, broadcast from rank 0 like every other buffer."""
+
+    def __init__(self, every: int, batches: int = 3) -> None:
+        if every < 1 or batches < 1:
+            raise ValueError("the EWGS delta update needs every >= 1 and batches >= 1")
+        self.every, self.batches = every, batches
+
+    def __call__(
+        self,
+        epoch: int,
+        model: nn.Module,
+        loss: Callable[[nn.Module, Any], Tensor],
+        batches: Iterable[Any],
+    ) -> dict[str, float]:
+        if epoch % self.every:
+            return {}
+        deltas = update_ewgs_deltas(
+            model, loss, islice(batches, self.batches), num_batches=self.batches
+        )
+        if deltas:
+            values = sorted(deltas.values())
+            logging.getLogger("sqakd").info(
+                "EWGS delta update (epoch %d): %d quantizers, delta %.3g .. %.3g (median %.3g)",
+                epoch + 1, len(values), values[0], values[-1], values[len(values) // 2],
+            )  # fmt: skip
+        return deltas
