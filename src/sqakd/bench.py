@@ -28,12 +28,12 @@ from typing import Any
 import yaml
 
 from .config import Config, merge, parse_override, set_dotted, validate_config
+from .methods import method_class
 
 FAMILY_KEYS = ("family", "title", "source", "dataset", "base", "teacher", "cells")
 GROUP_KEYS = ("quantizers", "bits", "methods", "set")
 DATASET_KEYS = ("name", "image_size", "expects", "hint")
 TEACHER_FOLDER = "teacher"
-METHOD_LABELS = {"sqakd": "SQAKD (no labels)", "qat": "QAT (CE, labels)"}
 CSV_COLUMNS = (
     "family", "cell", "method", "quantizer", "bits", "weight_bits", "act_bits", "labels_used",
     "epochs", "train_images", "top1_last", "top1_best", "best_epoch", "val_top1", "teacher_top1",
@@ -129,6 +129,28 @@ def _as_mapping(value: Any, where: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ValueError(f"{where} must be a mapping of key: value, got {value!r}")
     return value
+
+
+def method_label(name: str) -> str:
+    """A method's display name (its class's ``label``), or its registry name."""
+    try:
+        return method_class(name).label or name
+    except ValueError:
+        return name
+
+
+def _only_options_of(tree: dict[str, Any]) -> dict[str, Any]:
+    """The recipe's ``method`` section with only the keys the chosen method has: a family's
+    ``base`` is shared by several methods (SQAKD's temperature means nothing to labeled QAT)."""
+    section = tree.get("method")
+    if not isinstance(section, dict) or "name" not in section:
+        return tree
+    try:
+        known = method_class(str(section["name"])).Options.model_fields
+    except ValueError:  # an unknown method: validation names it
+        return tree
+    kept = {k: v for k, v in section.items() if k == "name" or k in known}
+    return {**tree, "method": kept}
 
 
 def _nested(settings: dict[str, Any]) -> dict[str, Any]:
@@ -293,7 +315,7 @@ def teacher_config(family: Family, output: Path, budget: Budget | None = None) -
     tree = merge(_expand_tree(family.base), _expand_tree(family.teacher))
     # the method train_teacher runs, so that a rerun recognises the teacher's folder as done
     identity = {"run.output": str(output / TEACHER_FOLDER), "method.name": "supervised"}
-    tree = merge(tree, _nested(identity))
+    tree = _only_options_of(merge(tree, _nested(identity)))
     tree = merge(tree, _budget_tree(budget, budget.teacher_epochs, budget.teacher_limit_train))
     return _build(tree, [*budget.overrides, *budget.teacher_overrides])
 
@@ -316,7 +338,7 @@ def cell_config(
         "teacher.checkpoint": str(teacher_checkpoint),
         "run.output": str(output / cell.name),
     }
-    tree = merge(tree, _nested(identity))
+    tree = _only_options_of(merge(tree, _nested(identity)))
     tree = merge(tree, _budget_tree(budget, budget.epochs, budget.limit_train))
     return _build(tree, budget.overrides)
 
@@ -432,7 +454,7 @@ def results_markdown(family: Family, teacher: BenchRow | None, rows: Sequence[Be
     ]
     for row in rows:
         lines.append(
-            f"| {METHOD_LABELS.get(row.method, row.method)} | {row.quantizer} | {row.bits} | "
+            f"| {method_label(row.method)} | {row.quantizer} | {row.bits} | "
             f"{'yes' if row.labels_used else 'no'} | {row.epochs} | {row.train_images or ''} | "
             f"{_number(row.top1_last)} | {_number(row.top1_best)} | {_number(row.val_top1)} | "
             f"{_number(row.teacher_top1)} | {row.minutes:.1f} | {row.images_per_second:.0f} |"
@@ -470,8 +492,8 @@ def plot_results(
             [p.weight_bits for p in points],
             [p.top1_last for p in points],
             marker="o",
-            linestyle="-" if method == "sqakd" else "--",
-            label=f"{METHOD_LABELS.get(method, method)} + {quantizer}",
+            linestyle="--" if points[0].labels_used else "-",  # label-free methods solid
+            label=f"{method_label(method)} + {quantizer}",
         )
     if teacher_top1 is not None:
         axis.axhline(teacher_top1, color="black", linestyle=":", label="teacher (float)")

@@ -115,10 +115,11 @@ class OptimizerConfig(Section):
 
 
 class TrainConfig(Section):
-    """Epochs, one optimizer per parameter group, and checkpoints. ``weights`` and
-    ``quantizers`` configure the student's two groups; ``optimizers.<group>`` any other group a
-    method has (a trainable teacher, adapters, a generator), falling back to the method's own
-    default, else to ``weights``."""
+    """Epochs, one optimizer per parameter group (`optimizers.<group>` for a method's own), checkpoints.
+
+    ``weights`` and ``quantizers`` configure the student's two groups; ``optimizers.<group>`` any
+    other group a method has (a trainable teacher, adapters, a generator), falling back to the
+    method's own default, else to ``weights``."""
 
     epochs: int = Field(1, ge=1)
     weights: OptimizerConfig = OptimizerConfig(lr=1e-3, weight_decay=1e-4)
@@ -150,10 +151,11 @@ class TrainConfig(Section):
 
 
 class MethodConfig(Section):
-    """The training method (``name``, see ``sqakd.methods.available_methods()``) and its own
-    typed options as further keys (``method.temperature``, ...): each method validates its
-    keys, and an unknown one is refused with its name. After validation the extra keys hold
-    every option with its resolved value."""
+    """The training method (`name`) and, as further keys, that method's own typed options.
+
+    Each method validates its keys (``sqakd.methods.available_methods()``), and an unknown one is
+    refused with its name. After validation the extra keys hold every option with its resolved
+    value."""
 
     model_config = ConfigDict(extra="allow", protected_namespaces=())
 
@@ -298,12 +300,37 @@ def config_reference() -> str:
         lines += [f"## `{section_name}`", "", doc, "", "| key | type | default |", "|---|---|---|"]
         defaults = getattr(Config(), section_name).model_dump(mode="json")
         for key, sub in section.model_fields.items():
-            kind = str(sub.annotation).replace("typing.", "").replace("pathlib.", "")
-            kind = kind.replace("<class '", "").replace("'>", "").replace("|", "\\|")
-            kind = re.sub(r"(__main__|sqakd\.[\w.]+)\.", "", kind)
-            lines.append(f"| `{section_name}.{key}` | {kind} | `{defaults[key]}` |")
+            lines.append(f"| `{section_name}.{key}` | {_type_name(sub)} | `{defaults[key]}` |")
         lines.append("")
+        if section is MethodConfig:
+            lines += _method_options_reference()
     return "\n".join(lines)
+
+
+def _type_name(field: Any) -> str:
+    kind = str(field.annotation).replace("typing.", "").replace("pathlib.", "")
+    kind = kind.replace("<class '", "").replace("'>", "").replace("|", "\\|")
+    return re.sub(r"(__main__|sqakd\.[\w.]+)\.", "", kind)
+
+
+def _method_options_reference() -> list[str]:
+    """Each registered method's own keys under ``method:``."""
+    from .methods import available_methods, method_class
+
+    lines = ["Each method's own keys under `method:` (anything else is refused):", ""]
+    for name in available_methods():
+        if name.startswith("test_"):  # methods registered by the test suite
+            continue
+        options = method_class(name).Options
+        if not options.model_fields:
+            lines += [f"- `{name}`: no options", ""]
+            continue
+        defaults = options().model_dump(mode="json")
+        lines += [f"- `{name}`:", "", "  | key | type | default |", "  |---|---|---|"]
+        for key, sub in options.model_fields.items():
+            lines.append(f"  | `method.{key}` | {_type_name(sub)} | `{defaults[key]}` |")
+        lines.append("")
+    return lines
 
 
 if __name__ == "__main__":

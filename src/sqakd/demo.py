@@ -12,6 +12,7 @@ from typing import Any
 
 from .config import load_config
 from .engine import get_logger, setup_console_logging
+from .methods import method_class
 from .pipeline import RunResult, quantize, train_teacher
 
 FASHION_FILES = (
@@ -117,8 +118,7 @@ def run_demo(
 def row_name(result: RunResult) -> str:
     if result.weight_bits is None:
         return "teacher (float)"
-    kind = "SQAKD (no labels)" if result.method == "sqakd" else "QAT, CE with labels"
-    return f"{kind} W{result.weight_bits}A{result.act_bits}"
+    return f"{method_class(result.method).label} W{result.weight_bits}A{result.act_bits}"
 
 
 def results_table(results: list[RunResult]) -> str:
@@ -146,7 +146,7 @@ def plot_results(results: list[RunResult], path: Path) -> None:
     accuracy = [r.last.get("top1", 0.0) for r in results]
     figure, axis = plt.subplots(figsize=(8, 3.8))
     colours = [
-        "#555555" if r.weight_bits is None else "#1f77b4" if r.method == "sqakd" else "#ff7f0e"
+        "#555555" if r.weight_bits is None else "#ff7f0e" if r.labels_used else "#1f77b4"
         for r in results
     ]
     bars = axis.barh(names, accuracy, color=colours)
