@@ -62,6 +62,10 @@ class Quantizer(nn.Module):
     method: str = "base"
     #: True for methods whose levels are equally spaced (export as QuantizeLinear/DequantizeLinear)
     uniform: bool = True
+    #: run the method's fused kernel through ``torch.compile`` (EWGS/STE, LSQ/LSQ+, DSQ; the
+    #: others have one way only). Set per model by ``prepare(..., compiled_kernels=...)`` or
+    #: :func:`sqakd.quant.set_compiled_kernels`; not part of the ``state_dict``.
+    compiled_kernels: bool = False
 
     def __init__(
         self,

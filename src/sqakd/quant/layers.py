@@ -299,6 +299,20 @@ def set_quantization(model: nn.Module, enabled: bool) -> None:
             module.quantization_enabled = enabled
 
 
+def set_compiled_kernels(model: nn.Module, enabled: bool) -> None:
+    """Run the fused kernels of every quantizer in ``model`` through ``torch.compile``
+    (``True``) or eagerly (``False``); other models are not affected. Compiling needs a C++
+    compiler (:func:`sqakd.quant.kernels.should_compile_kernels` says when to ask for it); a
+    kernel that fails to build runs eagerly, with one warning."""
+    for _, quantizer in quantizers(model):
+        quantizer.compiled_kernels = bool(enabled)
+
+
+def uses_compiled_kernels(model: nn.Module) -> bool:
+    """Whether ``model``'s quantizers run their fused kernels through ``torch.compile``."""
+    return any(quantizer.compiled_kernels for _, quantizer in quantizers(model))
+
+
 def quantizer_parameters(model: nn.Module) -> list[nn.Parameter]:
     """Parameters that belong to quantizers (ranges, step sizes, output scales)."""
     return [p for _, q in quantizers(model) for p in q.parameters(recurse=False)]
