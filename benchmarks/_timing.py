@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import torch
 
-from sqakd.quant.kernels import should_compile_kernels, use_compiled_kernels
+from sqakd.quant.kernels import should_compile_kernels
 
 
 def add_kernels_option(parser: argparse.ArgumentParser) -> None:
@@ -24,13 +24,11 @@ def add_kernels_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def use_kernels(choice: str) -> str:
-    """Switch the quantizer kernels to ``choice`` (see :func:`add_kernels_option`); returns
-    "compiled" or "eager", what the run uses."""
+def compiled_kernels(choice: str) -> bool:
+    """``choice`` (see :func:`add_kernels_option`) resolved as ``run.compile`` resolves it: the
+    ``compiled_kernels`` argument of ``prepare`` (``True``: through ``torch.compile``)."""
     setting = {"auto": "auto", "eager": False, "compiled": True}[choice]
-    compiled = should_compile_kernels(setting, torch.device("cpu"))
-    use_compiled_kernels(compiled)
-    return "compiled" if compiled else "eager"
+    return should_compile_kernels(setting, torch.device("cpu"))
 
 
 def machine() -> str:

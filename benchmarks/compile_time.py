@@ -23,13 +23,11 @@ def measure(method: str) -> dict[str, float]:
 
     from sqakd.models import build_model
     from sqakd.quant import QuantPolicy, calibrate, prepare
-    from sqakd.quant.kernels import use_compiled_kernels
 
-    use_compiled_kernels(True)
     torch.manual_seed(0)
     images, labels = torch.randn(128, 3, 32, 32), torch.randint(0, 10, (128,))
     policy = QuantPolicy(method=method, weight_bits=4, act_bits=4)
-    student = prepare(build_model("resnet20", num_classes=10), policy)
+    student = prepare(build_model("resnet20", num_classes=10), policy, compiled_kernels=True)
     calibrate(student, [images])
     seconds = {}
     for name in ("first", "steady"):

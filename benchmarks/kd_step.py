@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from _timing import add_kernels_option, interleaved_medians, machine, use_kernels
+from _timing import add_kernels_option, compiled_kernels, interleaved_medians, machine
 
 from sqakd.config import MethodConfig, TrainConfig
 from sqakd.engine import RunLog, Trainer
@@ -95,13 +95,13 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    kernels = use_kernels(args.kernels)
+    compiled = compiled_kernels(args.kernels)
     torch.manual_seed(0)
     layout = torch.channels_last if args.channels_last else torch.contiguous_format
     print(
         f"ResNet-20, SQAKD W4A4 ({args.method}) vs float training step"
         f"{', channels-last' if args.channels_last else ''}"
-        f", {kernels} quantizer kernels"
+        f", {'compiled' if compiled else 'eager'} quantizer kernels"
         f"{', unfused teacher' if args.unfused_teacher else ''}; machine: {machine()}; "
         f"{args.clock} time, median of {args.rounds} interleaved rounds\n"
     )
@@ -116,7 +116,9 @@ def main() -> None:
         teacher = build_model("resnet20", num_classes=10).eval().to(memory_format=layout)
         plain = copy.deepcopy(teacher).train()
         student = prepare(
-            copy.deepcopy(teacher), QuantPolicy(method=args.method, weight_bits=4, act_bits=4)
+            copy.deepcopy(teacher),
+            QuantPolicy(method=args.method, weight_bits=4, act_bits=4),
+            compiled_kernels=compiled,
         ).train()
         calibrate(student, [images])
         for parameter in teacher.parameters():

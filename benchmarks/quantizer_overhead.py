@@ -10,7 +10,7 @@ import argparse
 
 import torch
 import torch.nn.functional as F
-from _timing import add_kernels_option, interleaved_medians, machine, use_kernels
+from _timing import add_kernels_option, compiled_kernels, interleaved_medians, machine
 
 from sqakd.models import build_model
 from sqakd.quant import QuantPolicy, available_quantizers, calibrate, prepare
@@ -39,7 +39,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    kernels = use_kernels(args.kernels)
+    compiled = compiled_kernels(args.kernels)
     torch.manual_seed(0)
     images = torch.randn(args.batch_size, 3, 32, 32)
     labels = torch.randint(0, 10, (args.batch_size,))
@@ -47,7 +47,7 @@ def main() -> None:
     float_step = training_step(model, images, labels)
     print(
         f"ResNet-20, batch {args.batch_size}, training step"
-        f", {kernels} quantizer kernels; machine: {machine()}; median of "
+        f", {'compiled' if compiled else 'eager'} quantizer kernels; machine: {machine()}; median of "
         f"{args.rounds} rounds, each quantizer interleaved with the float step\n"
     )
     print("| method | W/A bits | float images/s | images/s | time vs float |")
@@ -62,7 +62,7 @@ def main() -> None:
             weight_bits=weight_bits,
             act_bits=act_bits,
         )
-        student = prepare(model, policy)
+        student = prepare(model, policy, compiled_kernels=compiled)
         calibrate(student, [images])
         seconds = interleaved_medians(
             {"float": float_step, "quantized": training_step(student, images, labels)},

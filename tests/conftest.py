@@ -11,20 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from sqakd.quant.kernels import use_compiled_kernels
-
 #: the project's real test data lives beside the repository (see shared/data/README.md)
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 CIFAR10_TARBALL = SHARED_DATA / "cifar10-jpeg.tar.gz"
-
-
-@pytest.fixture(autouse=True)
-def _eager_kernels_after_each_test() -> Iterator[None]:
-    """A pipeline run switches the compiled quantizer kernels on (``run.compile: auto`` with a
-    C++ compiler) for the whole process; each test starts from the module's eager state whatever
-    ran before it."""
-    yield
-    use_compiled_kernels(False)
 
 
 def _extract(tarball: Path, destination: Path) -> None:

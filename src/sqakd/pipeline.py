@@ -45,8 +45,15 @@ from .engine.distributed import (
 from .engine.teacher import teacher_for
 from .engine.teacher_cache import CachedTeacher
 from .methods import Batch, DataShapes, Method, Models, Needs, build_method
-from .quant import calibrate, describe, prepare, quantized_layers, quantizer_parameters
-from .quant.kernels import compiled_kernels_enabled, should_compile_kernels, use_compiled_kernels
+from .quant import (
+    calibrate,
+    describe,
+    prepare,
+    quantized_layers,
+    quantizer_parameters,
+    uses_compiled_kernels,
+)
+from .quant.kernels import should_compile_kernels
 from .quant.methods.ewgs import EWGSDeltaSchedule
 
 RUN_MARKERS = ("config.yaml", "metrics.csv", "checkpoints", "summary.json")
@@ -268,9 +275,7 @@ def _setup(config: Config, device: str | None = None) -> torch.device:
     seed_everything(config.run.seed, config.run.deterministic)
     if config.run.threads:
         torch.set_num_threads(config.run.threads)
-    resolved = resolve_device(device or config.run.device)
-    use_compiled_kernels(should_compile_kernels(config.run.compile, resolved))
-    return resolved
+    return resolve_device(device or config.run.device)
 
 
 # ------------------------------------------------------------------------------------- the jobs
@@ -356,7 +361,7 @@ def _run(
         log.info("quantization plan:\n%s", describe(student))
         log.info(
             "quantizer kernels: %s (run.compile: %s)",
-            "compiled" if compiled_kernels_enabled() else "eager",
+            "compiled" if uses_compiled_kernels(student) else "eager",
             config.run.compile,
         )
         calibrate(
@@ -500,7 +505,8 @@ def build_student(
             parameter.requires_grad_(True)
     if not needs.quantized_student:
         return base.train()
-    return prepare(base, config.quant).to(device).train()
+    compiled = should_compile_kernels(config.run.compile, device)
+    return prepare(base, config.quant, compiled_kernels=compiled).to(device).train()
 
 
 def _bits_label(result: RunResult) -> str:
@@ -594,7 +600,8 @@ def load_trained_model(
         )
     state = models.read_state_dict(path)
     if any(key.endswith("_quantizer.initialized") for key in state):
-        network = prepare(network, config.quant)
+        compiled = should_compile_kernels(config.run.compile, device)
+        network = prepare(network, config.quant, compiled_kernels=compiled)
     models.load_weights(network, state)
     return network.to(device).eval(), bundle, device
 

@@ -8,8 +8,8 @@ from export_cases import CASES, WEIGHT_ONLY, quantize
 from safetensors import safe_open
 
 from sqakd.export import load_packed, pack_bits, packed_size, save_packed, unpack_bits
-from sqakd.export.integer import weight_codes
 from sqakd.quant import QuantPolicy, prepare, quantized_layers
+from sqakd.quant.deployed import weight_codes
 
 # a round trip that only restores the codes warns; here every round trip must be exact
 pytestmark = pytest.mark.filterwarnings("error:.*codes are restored:UserWarning")

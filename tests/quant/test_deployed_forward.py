@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from sqakd.quant import build_quantizer
+from sqakd.quant.grid import activation_form
 
 METHODS = ["ewgs", "ste", "pact", "lsq", "lsq+", "dorefa", "dsq", "minmax"]
 
@@ -34,8 +35,6 @@ def test_deployed_codes_equal_the_methods_own_away_from_ties(method, bits):
 
 def test_deployed_forward_is_the_export_arithmetic_written_out():
     """EWGS 4-bit: ``(round(clip(x + shift) / s) + z - z_out) * s_out (+ shift)``, from the grid."""
-    from sqakd.export.integer import activation_form
-
     q, x = calibrated("ewgs", 4)
     form = activation_form(q.grid())
     q.eval()

@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 
-from sqakd.quant import kernels
+from sqakd.quant import kernels, set_compiled_kernels
 from sqakd.quant.methods.dsq import DSQQuantizer
 
 
@@ -108,12 +108,9 @@ def test_hand_worked_range_gradients():
 def test_compiled_matches_the_op_by_op_definition(role, per_channel, channels_last):
     q, x = case(role, per_channel, channels_last)
     upstream = torch.randn(x.shape)
-    kernels.use_compiled_kernels(True)
-    try:
-        compiled = outputs_and_grads(q, x, upstream, lambda module, inp: module(inp))
-        assert kernels.compiled_kernels_enabled(), "torch.compile failed; fell back to eager"
-    finally:
-        kernels.use_compiled_kernels(False)
+    set_compiled_kernels(q, True)
+    compiled = outputs_and_grads(q, x, upstream, lambda module, inp: module(inp))
+    assert "dsq" not in kernels.failed_kernels(), "torch.compile failed; fell back to eager"
     assert_same(compiled, outputs_and_grads(q, x, upstream, reference))
 
 

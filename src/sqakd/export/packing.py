@@ -36,8 +36,8 @@ import torch
 from torch import Tensor, nn
 
 from ..quant import QuantGrid, QuantizedLayer, Quantizer, quantized_layers, quantizers
-from ..quant.base import broadcast_channels
-from .integer import check_calibrated, codes_of_values, integer_weight, weight_codes, weight_form
+from ..quant.deployed import check_calibrated, weight_codes
+from ..quant.grid import broadcast_channels, codes_of_values, integer_weight, weight_form
 
 FORMAT = "sqakd.packed/1"
 METADATA_KEY = "sqakd"

@@ -27,8 +27,8 @@ import torch
 from torch import Tensor, nn
 
 from ..quant import quantized_layers
+from ..quant.deployed import check_calibrated
 from ._optional import require
-from .integer import check_calibrated
 from .onnx_export import read_layer_metadata
 
 CHUNK = 256  # images per run when a single tensor is given

@@ -15,7 +15,7 @@ or, where the grids are uniform (all but APoT's), the integer-sums form that
 ``Mul(input scale * weight scale)``, the exact terms of a fractional zero point
 (:mod:`sqakd.quant.integer_sums`) and ``Add(bias)``; and each
 :class:`~sqakd.quant.batchnorm.AffineBatchNorm2d` becomes ``Mul``/``Add`` with its constants
-(see :mod:`sqakd.export.integer` for the shifts and containers), and a first convolution kept in
+(see :mod:`sqakd.quant.grid` for the shifts and containers), and a first convolution kept in
 float (:class:`~sqakd.quant.float64_sums.Float64SumConv2d`) its float64 im2col form. What has no
 integer form stays
 in float and is named in the layer's report: weights on non-uniform grids (e.g. APoT) become
@@ -39,20 +39,19 @@ from torch import Tensor, nn
 
 from ..quant import QuantConv2d, QuantGrid, QuantizedLayer, Quantizer, QuantLinear, quantized_layers
 from ..quant import integer_sums as sums
-from ..quant.base import broadcast_channels
 from ..quant.batchnorm import AffineBatchNorm2d, ChannelAffine
+from ..quant.deployed import check_calibrated, weight_codes
 from ..quant.float64_sums import Float64SumConv2d, Float64SumConvExport, conv2d_arguments
-from ..quant.policy import FLOAT_BITS
-from ..quant.prepare import replace_module
-from .integer import (
+from ..quant.grid import (
     CONTAINERS,
     ActivationForm,
     WeightForm,
     activation_form,
-    check_calibrated,
-    weight_codes,
+    broadcast_channels,
     weight_form,
 )
+from ..quant.policy import FLOAT_BITS
+from ..quant.prepare import replace_module
 
 
 class QuantizeLinear(torch.autograd.Function):

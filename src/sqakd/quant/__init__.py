@@ -11,7 +11,9 @@ from .layers import (
     quantized_layers,
     quantizer_parameters,
     quantizers,
+    set_compiled_kernels,
     set_quantization,
+    uses_compiled_kernels,
 )
 from .policy import LayerOverride, QuantPolicy
 from .prepare import QuantPlan, describe, plan, prepare
@@ -39,5 +41,7 @@ __all__ = [
     "quantizers",
     "register_quantizer",
     "reset_calibration",
+    "set_compiled_kernels",
     "set_quantization",
+    "uses_compiled_kernels",
 ]

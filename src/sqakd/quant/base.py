@@ -14,12 +14,12 @@ needs no per-method special case.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
+from .grid import CONTAINERS, QuantGrid, activation_form, broadcast_channels
 from .integer_sums import IntegerInput
 
 Role = Literal["weight", "activation"]
@@ -34,65 +34,6 @@ def check_bits(bits: int) -> int:
             f"use 32 in a layer policy to keep a layer in float"
         )
     return bits
-
-
-@dataclass(frozen=True)
-class QuantGrid:
-    """The integer grid a quantizer uses, in the form deployment needs.
-
-    Quantize: ``code = clamp(round(x / input_scale + input_zero_point), qmin, qmax)``.
-    Dequantize: ``value = scale * (code - zero_point)`` for uniform grids, or
-    ``value = levels[code - qmin]`` for non-uniform ones (``levels`` is not ``None``).
-
-    ``scale``/``zero_point`` (and the input pair) are 0-d tensors for per-tensor grids or 1-d
-    tensors of length C for per-channel grids along ``axis``. Zero points may be fractional
-    (EWGS and DoReFa map weights onto an odd number of symmetric levels); export decides how to
-    carry them. For weights, :meth:`Quantizer.codes` gives the integer codes directly, so the
-    input pair matters only for activations.
-    """
-
-    bits: int
-    qmin: int
-    qmax: int
-    scale: Tensor
-    zero_point: Tensor
-    input_scale: Tensor
-    input_zero_point: Tensor
-    axis: int | None = None
-    levels: Tensor | None = None
-
-    @property
-    def uniform(self) -> bool:
-        return self.levels is None
-
-    def dequantize(self, codes: Tensor) -> Tensor:
-        """Map integer codes back to the float values the fake-quantized model computes with."""
-        if self.levels is not None:
-            index = codes.long() - self.qmin
-            if self.levels.dim() == 1:
-                return self.levels[index]
-            return _gather_levels(self.levels, index, self.axis or 0)
-        axis = self.axis or 0
-        scale = broadcast_channels(self.scale, codes, axis)
-        zero_point = broadcast_channels(self.zero_point, codes, axis)
-        return scale * (codes.to(self.scale.dtype) - zero_point)
-
-
-def _gather_levels(levels: Tensor, index: Tensor, axis: int) -> Tensor:
-    """Per-channel level tables: ``levels`` is (C, L); pick each element's level in its channel."""
-    moved = index.movedim(axis, 0)
-    flat = moved.reshape(moved.shape[0], -1)
-    picked = torch.gather(levels, 1, flat).reshape(moved.shape)
-    return picked.movedim(0, axis)
-
-
-def broadcast_channels(value: Tensor, like: Tensor, axis: int) -> Tensor:
-    """Reshape a per-channel vector (C,) so that it broadcasts against ``like`` along ``axis``."""
-    if value.dim() == 0:
-        return value
-    shape = [1] * like.dim()
-    shape[axis] = -1
-    return value.reshape(shape)
 
 
 def per_channel_reduce(x: Tensor, axis: int, fn: str) -> Tensor:
@@ -121,6 +62,10 @@ class Quantizer(nn.Module):
     method: str = "base"
     #: True for methods whose levels are equally spaced (export as QuantizeLinear/DequantizeLinear)
     uniform: bool = True
+    #: run the method's fused kernel through ``torch.compile`` (EWGS/STE, LSQ/LSQ+, DSQ; the
+    #: others have one way only). Set per model by ``prepare(..., compiled_kernels=...)`` or
+    #: :func:`sqakd.quant.set_compiled_kernels`; not part of the ``state_dict``.
+    compiled_kernels: bool = False
 
     def __init__(
         self,
@@ -209,7 +154,7 @@ class Quantizer(nn.Module):
     def deployed_forward(self, x: Tensor) -> Tensor | None:
         """The activation as the exported model computes it, operation for operation:
         ``clip(x + shift) -> QuantizeLinear -> DequantizeLinear (+ shift)`` (see
-        :func:`sqakd.export.integer.activation_form`), or ``None`` for a grid with no such form
+        :func:`sqakd.quant.grid.activation_form`), or ``None`` for a grid with no such form
         (non-uniform, per channel). Inference (eval mode, no autograd) uses it, so that PyTorch
         and ONNX Runtime agree bit for bit on the codes: the method's own formula (``x * n / w +
         b`` for EWGS, say) gives the same codes except where rounding one way or the other
@@ -225,8 +170,6 @@ class Quantizer(nn.Module):
         """``(form, q - z)``: the grid's activation form and ``clamp(round(clip(x + shift) /
         scale) + zero point) - output zero point``, as ``QuantizeLinear`` and
         ``DequantizeLinear`` compute the codes; ``None`` for a grid with no such form."""
-        from ..export.integer import CONTAINERS, activation_form  # export builds on quant
-
         form = activation_form(self.grid())
         if isinstance(form, str):
             return None

@@ -1,14 +1,17 @@
 """Fused fake-quantization kernels: each quantizer's whole forward and backward in a few passes
 over the tensor, instead of one pass (and one temporary) per operation of its definition.
 
-Two ways to run them:
+Two ways to run them, chosen per call (``compiled=``), i.e. per quantizer: a prepared model's
+quantizers all follow ``prepare(..., compiled_kernels=...)`` or
+:func:`sqakd.quant.set_compiled_kernels`, so two models in one process may run differently:
 
 - eager (default): hand-fused PyTorch ops, about a third of the memory traffic of the
   op-by-op definition;
-- compiled (:func:`use_compiled_kernels`, ``run.compile: true``): the same formulas through
-  ``torch.compile`` (one loop for the forward, one for the backward with its sums). It needs a
-  C++ compiler; the first use compiles for some seconds (cached on disk afterwards), and if
-  compiling fails the eager kernels are used with a warning.
+- compiled (``run.compile: true``): the same formulas through ``torch.compile`` (one loop for the
+  forward, one for the backward with its sums). It needs a C++ compiler; the first use compiles
+  for some seconds (cached on disk afterwards). If compiling one kernel (``"ewgs"``, ``"lsq"``,
+  ``"dsq"``) fails, that kernel runs eagerly from then on, with one warning; the others stay
+  compiled.
 
 Each autograd function states the gradient it computes; the tests compare both ways with the
 op-by-op definitions.
@@ -27,18 +30,23 @@ from typing import Any
 import torch
 from torch import Tensor
 
+#: caches, not modes: the compiled function of each kernel part ("ewgs_forward", ...), and the
+#: kernels ("ewgs", ...) that torch.compile could not build in this process (warned once each)
 _compiled: dict[str, Callable[..., Any]] = {}
-_use_compiled = False
+_failed: set[str] = set()
 
 
-def use_compiled_kernels(enabled: bool = True) -> None:
-    """Run the fused kernels through ``torch.compile`` (``True``) or eagerly (``False``)."""
-    global _use_compiled
-    _use_compiled = enabled
+def failed_kernels() -> frozenset[str]:
+    """The kernels (``"ewgs"``, ``"lsq"``, ``"dsq"``) that ``torch.compile`` could not build in
+    this process; they run eagerly even where compiled kernels are asked for."""
+    return frozenset(_failed)
 
 
-def compiled_kernels_enabled() -> bool:
-    return _use_compiled
+def clear_kernel_cache() -> None:
+    """Forget the compiled kernels and the compile failures: the next compiled call builds its
+    kernel again (``torch.compile``'s own on-disk cache is kept)."""
+    _compiled.clear()
+    _failed.clear()
 
 
 def cpp_compiler_found() -> bool:
@@ -58,28 +66,35 @@ def should_compile_kernels(setting: bool | str, device: torch.device) -> bool:
     return bool(setting)
 
 
-def _run(name: str, eager: Callable[..., Any], *args: Any) -> Any:
-    """``eager(*args)``, compiled when compiled kernels are on (falls back to eager for good,
-    with one warning, if ``torch.compile`` cannot build it here)."""
-    global _use_compiled
-    if not _use_compiled or torch.is_grad_enabled():
+def _compiles(kernel: str, compiled: bool) -> bool:
+    """Whether a call of ``kernel`` asked to run ``compiled`` takes the compiled path: not when
+    compiling that kernel has failed here (then its hand-fused eager path is faster)."""
+    return compiled and kernel not in _failed
+
+
+def _run(kernel: str, part: str, eager: Callable[..., Any], *args: Any) -> Any:
+    """``eager(*args)`` through ``torch.compile``, the compiled function cached by name
+    (``"ewgs_forward"``). If ``torch.compile`` cannot build it here, ``kernel`` is marked failed
+    (one warning) and ``eager`` runs, now and for its later calls."""
+    if kernel in _failed or torch.is_grad_enabled():
         return eager(*args)
     # plain tensors only: a Parameter (a weight) and a Tensor (an activation) would otherwise
     # each need their own compiled graph and exhaust torch._dynamo's recompile limit
     args = tuple(a.detach() if isinstance(a, Tensor) else a for a in args)
-    kernel = _compiled.get(name)
-    if kernel is None:
-        kernel = _compiled[name] = torch.compile(eager, dynamic=True)
+    name = f"{kernel}_{part}"
     try:
-        return kernel(*args)
-    except Exception as error:  # noqa: BLE001 - any compiler failure means: stay eager
+        function = _compiled.get(name)
+        if function is None:
+            function = _compiled[name] = torch.compile(eager, dynamic=True)
+        return function(*args)
+    except Exception as error:  # noqa: BLE001 - any compiler failure means: this kernel eager
+        _failed.add(kernel)
         logging.getLogger("sqakd").warning(
-            "torch.compile could not build the %s kernel (%s: %s); using the eager kernels",
+            "torch.compile could not build the %s kernel (%s: %s); it runs eagerly",
             name,
             type(error).__name__,
             str(error).splitlines()[0][:200] if str(error) else "",
         )
-        _use_compiled = False
         return eager(*args)
 
 
@@ -154,17 +169,17 @@ class EWGSFakeQuantize(torch.autograd.Function):
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx, x: Tensor, lower: Tensor, upper: Tensor, num_steps: int, delta: Tensor
+        ctx, x: Tensor, lower: Tensor, upper: Tensor, num_steps: int, delta: Tensor, compiled: bool
     ) -> Tensor:
         low = _channel_view(lower, x)
         width = _channel_view(upper, x) - low
         scale = num_steps / width
         bias = -low * scale
         ctx.num_steps, ctx.range_shape = num_steps, lower.shape
-        if _use_compiled:
+        if _compiles("ewgs", compiled):
             ctx.compiled = True
             ctx.save_for_backward(x, scale, bias, width, delta)
-            return _run("ewgs_forward", _ewgs_forward, x, scale, bias, num_steps)
+            return _run("ewgs", "forward", _ewgs_forward, x, scale, bias, num_steps)
         ctx.compiled = False
         scaled = torch.addcmul(bias, x, scale)  # t * n before clamping
         clamped = scaled.clamp(0.0, num_steps)
@@ -177,17 +192,18 @@ class EWGSFakeQuantize(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, Tensor, None, None]:  # type: ignore[override]
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, Tensor, None, None, None]:  # type: ignore[override]
         n = ctx.num_steps
         if ctx.compiled:
             x, scale, bias, width, delta = ctx.saved_tensors
             grad_x, grad_lower, grad_upper = _run(
-                "ewgs_backward", _ewgs_backward, grad, x, scale, bias, width, delta, n
+                "ewgs", "backward", _ewgs_backward, grad, x, scale, bias, width, delta, n
             )
             return (
                 grad_x,
                 grad_lower.reshape(ctx.range_shape),
                 grad_upper.reshape(ctx.range_shape),
+                None,
                 None,
                 None,
             )
@@ -201,15 +217,21 @@ class EWGSFakeQuantize(torch.autograd.Function):
         weighted = (_dot(g, clamped) if width.dim() == 0 else _sum_to(g * clamped, width)) / n
         grad_lower = ((weighted - total) / width).reshape(ctx.range_shape)
         grad_upper = (-weighted / width).reshape(ctx.range_shape)
-        return g.div_(width), grad_lower, grad_upper, None, None
+        return g.div_(width), grad_lower, grad_upper, None, None, None
 
 
 def ewgs_fake_quantize(
-    x: Tensor, lower: Tensor, upper: Tensor, num_steps: int, delta: Tensor
+    x: Tensor,
+    lower: Tensor,
+    upper: Tensor,
+    num_steps: int,
+    delta: Tensor,
+    compiled: bool = False,
 ) -> Tensor:
     """``round(clamp((x - lower) / (upper - lower), 0, 1) * num_steps) / num_steps`` with the
-    EWGS backward (:class:`EWGSFakeQuantize`); ``lower``/``upper`` 0-d or per channel (axis 0)."""
-    return EWGSFakeQuantize.apply(x, lower, upper, num_steps, delta.to(x.dtype))
+    EWGS backward (:class:`EWGSFakeQuantize`); ``lower``/``upper`` 0-d or per channel (axis 0);
+    ``compiled``: through ``torch.compile``."""
+    return EWGSFakeQuantize.apply(x, lower, upper, num_steps, delta.to(x.dtype), compiled)
 
 
 # -------------------------------------------------------------------------------------- LSQ
@@ -237,14 +259,20 @@ class LSQFakeQuantize(torch.autograd.Function):
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx, x: Tensor, step: Tensor, shift: Tensor | None, qmin: int, qmax: int
+        ctx,
+        x: Tensor,
+        step: Tensor,
+        shift: Tensor | None,
+        qmin: int,
+        qmax: int,
+        compiled: bool,
     ) -> Tensor:
         ctx.has_shift, ctx.codes = shift is not None, (qmin, qmax)
-        if _use_compiled:
+        if _compiles("lsq", compiled):
             ctx.compiled = True
             shift_or_zero = torch.zeros_like(step) if shift is None else shift
             ctx.save_for_backward(x, step, shift_or_zero)
-            return _run("lsq_forward", _lsq_forward, x, step, shift_or_zero, qmin, qmax)
+            return _run("lsq", "forward", _lsq_forward, x, step, shift_or_zero, qmin, qmax)
         ctx.compiled = False
         normalised = (x if shift is None else x - shift).div(step)
         clamped = normalised.clamp(qmin, qmax)
@@ -257,13 +285,13 @@ class LSQFakeQuantize(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, Tensor | None, None, None]:  # type: ignore[override]
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, Tensor | None, None, None, None]:  # type: ignore[override]
         if ctx.compiled:
             x, step, shift = ctx.saved_tensors
             grad_x, grad_step, grad_shift = _run(
-                "lsq_backward", _lsq_backward, grad, x, step, shift, *ctx.codes
+                "lsq", "backward", _lsq_backward, grad, x, step, shift, *ctx.codes
             )
-            return grad_x, grad_step, grad_shift if ctx.has_shift else None, None, None
+            return grad_x, grad_step, grad_shift if ctx.has_shift else None, None, None, None
         clamped, inside, step = ctx.saved_tensors
         grad_x = grad * inside
         # round(c) on every element minus c on the inside ones (where c = t)
@@ -276,15 +304,20 @@ class LSQFakeQuantize(torch.autograd.Function):
             grad_shift = (
                 grad.sum() - grad_x.sum() if step.dim() == 0 else _sum_to(grad - grad_x, step)
             )
-        return grad_x, grad_step, grad_shift, None, None
+        return grad_x, grad_step, grad_shift, None, None, None
 
 
 def lsq_fake_quantize(
-    x: Tensor, step: Tensor, shift: Tensor | None, qmin: int, qmax: int
+    x: Tensor,
+    step: Tensor,
+    shift: Tensor | None,
+    qmin: int,
+    qmax: int,
+    compiled: bool = False,
 ) -> Tensor:
     """``round(clamp((x - shift) / step, qmin, qmax)) * step + shift`` with LSQ's gradients
-    (:class:`LSQFakeQuantize`)."""
-    return LSQFakeQuantize.apply(x, step, shift, qmin, qmax)
+    (:class:`LSQFakeQuantize`); ``compiled``: through ``torch.compile``."""
+    return LSQFakeQuantize.apply(x, step, shift, qmin, qmax, compiled)
 
 
 # ------------------------------------------------------------------------------------- PACT
@@ -550,7 +583,13 @@ class DSQFakeQuantize(torch.autograd.Function):
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx, x: Tensor, lower: Tensor, upper: Tensor, alpha: Tensor, num_steps: int
+        ctx,
+        x: Tensor,
+        lower: Tensor,
+        upper: Tensor,
+        alpha: Tensor,
+        num_steps: int,
+        compiled: bool,
     ) -> Tensor:
         width = upper - lower
         delta, kappa = dsq_step(width, num_steps), dsq_kappa(alpha)
@@ -558,10 +597,10 @@ class DSQFakeQuantize(torch.autograd.Function):
         ctx.range_shape, ctx.alpha_shape = lower.shape, alpha.shape
         ctx.range_dtype = lower.dtype
         low, up, step, width = (_channel_view(v, x) for v in (lower, upper, delta, width))
-        if _use_compiled:
+        if _compiles("dsq", compiled):
             ctx.compiled = True
             ctx.save_for_backward(x, low, up, step, kappa, width, alpha)
-            return _run("dsq_forward", _dsq_forward, x, low, up, step)
+            return _run("dsq", "forward", _dsq_forward, x, low, up, step)
         ctx.compiled = False
         # t_top, the t of the elements above u, as the forward computes it (in x's precision)
         t_top = width / step
@@ -573,10 +612,12 @@ class DSQFakeQuantize(torch.autograd.Function):
         return _dsq_eager_forward(x, low, up, step)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, None]:  # type: ignore[override]
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, None, None]:  # type: ignore[override]
         if ctx.compiled:
             x, low, up, step, kappa, width, alpha = ctx.saved_tensors
-            grad_x, *partials = _run("dsq_backward", _dsq_backward, grad, x, low, up, step, kappa)
+            grad_x, *partials = _run(
+                "dsq", "backward", _dsq_backward, grad, x, low, up, step, kappa
+            )
             (*partials, width, alpha, kappa), m = _numbers(*partials, width, alpha, kappa)
         else:
             (x,) = ctx.saved_tensors
@@ -593,7 +634,7 @@ class DSQFakeQuantize(torch.autograd.Function):
                 (ctx.range_shape, ctx.range_shape, ctx.alpha_shape),
             )
         )
-        return grad_x, grad_lower, grad_upper, grad_alpha, None
+        return grad_x, grad_lower, grad_upper, grad_alpha, None, None
 
 
 def _sum_to_dot(a: Tensor, b: Tensor, like: Tensor) -> Tensor:
@@ -602,8 +643,14 @@ def _sum_to_dot(a: Tensor, b: Tensor, like: Tensor) -> Tensor:
 
 
 def dsq_fake_quantize(
-    x: Tensor, lower: Tensor, upper: Tensor, alpha: Tensor, num_steps: int
+    x: Tensor,
+    lower: Tensor,
+    upper: Tensor,
+    alpha: Tensor,
+    num_steps: int,
+    compiled: bool = False,
 ) -> Tensor:
     """DSQ's hard quantizer with its soft-staircase gradients (:class:`DSQFakeQuantize`);
-    ``lower``/``upper`` 0-d or per channel (axis 0), ``alpha`` 0-d, ``num_steps = 2**b - 1``."""
-    return DSQFakeQuantize.apply(x, lower, upper, alpha, num_steps)
+    ``lower``/``upper`` 0-d or per channel (axis 0), ``alpha`` 0-d, ``num_steps = 2**b - 1``;
+    ``compiled``: through ``torch.compile``."""
+    return DSQFakeQuantize.apply(x, lower, upper, alpha, num_steps, compiled)

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from .base import Quantizer
 from .batchnorm import AffineBatchNorm2d
+from .deployed import deployed_weight
 from .float64_sums import Float64SumConv2d, conv2d_arguments
 from .integer_sums import (
     IntegerWeight,
@@ -96,13 +97,11 @@ class QuantizedLayer(nn.Module):
     def deployed_weight(self) -> Tensor:
         """The quantized weight as the exported model computes it: its integer codes
         dequantized by ``(codes - zero_point) * scale``, as ONNX ``DequantizeLinear`` does (see
-        :func:`sqakd.export.integer.deployed_weight`). Inference (eval mode, no autograd) uses
+        :func:`sqakd.quant.deployed.deployed_weight`). Inference (eval mode, no autograd) uses
         it, so that PyTorch and ONNX Runtime multiply by bit-identical weights: the method's
         own formula (``2 round(...) / n - 1`` for DoReFa, say) reaches the same levels up to the
         last float bit, and a deep low-bit network can amplify such differences. Cached until
         the weight (version counter) or a quantizer parameter or buffer (value) changes."""
-        from ..export.integer import deployed_weight  # export builds on quant
-
         quantizer = self.weight_quantizer
         assert quantizer is not None
         # the weight by identity and version; the quantizer's few range values by value, since
@@ -298,6 +297,20 @@ def set_quantization(model: nn.Module, enabled: bool) -> None:
     for module in model.modules():
         if isinstance(module, (QuantizedLayer, AffineBatchNorm2d, Float64SumConv2d)):
             module.quantization_enabled = enabled
+
+
+def set_compiled_kernels(model: nn.Module, enabled: bool) -> None:
+    """Run the fused kernels of every quantizer in ``model`` through ``torch.compile``
+    (``True``) or eagerly (``False``); other models are not affected. Compiling needs a C++
+    compiler (:func:`sqakd.quant.kernels.should_compile_kernels` says when to ask for it); a
+    kernel that fails to build runs eagerly, with one warning."""
+    for _, quantizer in quantizers(model):
+        quantizer.compiled_kernels = bool(enabled)
+
+
+def uses_compiled_kernels(model: nn.Module) -> bool:
+    """Whether ``model``'s quantizers run their fused kernels through ``torch.compile``."""
+    return any(quantizer.compiled_kernels for _, quantizer in quantizers(model))
 
 
 def quantizer_parameters(model: nn.Module) -> list[nn.Parameter]:

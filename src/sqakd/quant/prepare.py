@@ -11,7 +11,7 @@ from torch import nn
 from .base import Quantizer
 from .batchnorm import AffineBatchNorm2d
 from .float64_sums import Float64SumConv2d, can_sum_in_float64
-from .layers import QUANTIZED_TWINS, QuantizedLayer
+from .layers import QUANTIZED_TWINS, QuantizedLayer, quantizers, set_compiled_kernels
 from .policy import FLOAT_BITS, QuantPolicy
 from .registry import build_quantizer, quantizer_class
 
@@ -41,7 +41,11 @@ class LayerPlan:
 
 
 class QuantPlan(list[LayerPlan]):
-    """The per-layer decisions of a policy; ``str()`` gives a readable table."""
+    """The per-layer decisions of a policy; ``str()`` gives a readable table. From
+    :func:`describe`, ``kernels`` names how the model's quantizers run their fused kernels
+    (``"compiled"``, ``"eager"``, or ``"mixed"``; ``None`` without quantizers)."""
+
+    kernels: str | None = None
 
     def __str__(self) -> str:
         header = ("layer", "type", "shape", "method", "W bits", "A bits", "note")
@@ -60,6 +64,8 @@ class QuantPlan(list[LayerPlan]):
         widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
         lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
+        if self.kernels is not None:
+            lines.append(f"quantizer kernels: {self.kernels}")
         return "\n".join(lines)
 
 
@@ -158,7 +164,10 @@ def _layer_plan(name: str, module: nn.Module, policy: QuantPolicy, is_edge: bool
 
 
 def prepare(
-    model: nn.Module, policy: QuantPolicy | None = None, inplace: bool = False
+    model: nn.Module,
+    policy: QuantPolicy | None = None,
+    inplace: bool = False,
+    compiled_kernels: bool = False,
 ) -> nn.Module:
     """Return a copy of ``model`` whose Conv2d/Linear layers are swapped for quantized twins.
 
@@ -170,6 +179,9 @@ def prepare(
     exported graph computes too), and a first convolution kept in float becomes a
     :class:`~sqakd.quant.float64_sums.Float64SumConv2d` (in inference, summed in float64 as the
     exported graph does too).
+
+    ``compiled_kernels``: the quantizers run their fused kernels through ``torch.compile``
+    (see :func:`~sqakd.quant.set_compiled_kernels`, which changes it later); eager by default.
     """
     policy = policy or QuantPolicy()
     decisions = plan(model, policy)
@@ -186,6 +198,7 @@ def prepare(
     if any(decision.quantized for decision in decisions):
         _use_affine_batchnorm(prepared)
         _sum_float_first_layer_in_float64(prepared, decisions)
+    set_compiled_kernels(prepared, compiled_kernels)
     return prepared
 
 
@@ -225,8 +238,12 @@ def replace_module(model: nn.Module, name: str, layer: nn.Module) -> None:
 
 
 def describe(model: nn.Module) -> QuantPlan:
-    """The quantization table of a (prepared) model: every Conv2d/Linear and unsupported layer."""
+    """The quantization table of a (prepared) model: every Conv2d/Linear and unsupported layer,
+    and how its quantizers run their kernels (``kernels``, the table's last line)."""
     result = QuantPlan()
+    modes = {q.compiled_kernels for _, q in quantizers(model)}
+    if modes:
+        result.kernels = "mixed" if len(modes) > 1 else "compiled" if modes.pop() else "eager"
     for name, module in model.named_modules():
         if isinstance(module, QuantizedLayer):
             wq, aq = module.weight_quantizer, module.act_quantizer

@@ -100,7 +100,9 @@ class DSQQuantizer(Quantizer):
         return torch.round((clipped - lower) / delta).clamp(0, self.num_steps)
 
     def quantize(self, x: Tensor) -> Tensor:
-        return dsq_fake_quantize(x, self.lower, self.upper, self.alpha, self.num_steps)
+        return dsq_fake_quantize(
+            x, self.lower, self.upper, self.alpha, self.num_steps, self.compiled_kernels
+        )
 
     @torch.no_grad()
     def codes(self, x: Tensor) -> Tensor:

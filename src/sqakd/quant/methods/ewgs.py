@@ -112,7 +112,9 @@ class EWGSQuantizer(Quantizer):
             if rounded.requires_grad:
                 self.last_rounded = rounded
         else:
-            rounded = ewgs_fake_quantize(x, self.lower, self.upper, self.num_steps, self.delta)
+            rounded = ewgs_fake_quantize(
+                x, self.lower, self.upper, self.num_steps, self.delta, self.compiled_kernels
+            )
         if self.role == "activation":
             return rounded
         return self.output_scale.abs() * (2.0 * rounded - 1.0)

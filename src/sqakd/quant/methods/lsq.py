@@ -107,7 +107,8 @@ class LSQQuantizer(Quantizer):
         shift = broadcast_channels(shift, x, self.channel_axis)
         qmin, qmax = self.code_range
         zero_shift = not self.binary and getattr(self, "offset", None) is None
-        return lsq_fake_quantize(x, step, None if zero_shift else shift, qmin, qmax)
+        shift_or_none = None if zero_shift else shift
+        return lsq_fake_quantize(x, step, shift_or_none, qmin, qmax, self.compiled_kernels)
 
     @torch.no_grad()
     def grid(self) -> QuantGrid:

@@ -1,16 +1,15 @@
-"""Integer forms of grids: containers, doubled half-integer zero points, activation shifts."""
+"""Integer forms of grids: containers, doubled half-integer zero points, activation shifts; and
+quant stands below export (it never imports it)."""
+
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from sqakd.export.integer import (
-    activation_form,
-    codes_of_values,
-    pick_container,
-    weight_codes,
-    weight_form,
-)
 from sqakd.quant import QuantGrid, build_quantizer
+from sqakd.quant.deployed import weight_codes
+from sqakd.quant.grid import activation_form, codes_of_values, pick_container, weight_form
 
 
 def grid(bits, qmin, qmax, scale, zero, in_scale=None, in_zero=None, axis=None, levels=None):
@@ -123,3 +122,26 @@ def test_other_fractional_zero_point_keeps_codes_and_adds_an_offset():
     assert not form.doubled and form.codes.tolist() == [0, 2, 3, 15] and form.zero_point.item() == 2
     assert form.offset.item() == pytest.approx(-0.15)
     torch.testing.assert_close(form.dequantize(), 0.5 * (codes - 2.3))
+
+
+def test_quant_imports_nothing_from_export():
+    """The integer forms live in quant; export builds on them, never the other way round."""
+    code = (
+        "import sys, sqakd.quant, sqakd.quant.deployed, sqakd.quant.grid; "
+        "print(sorted(m for m in sys.modules if m.startswith('sqakd.')))"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", code], check=True, capture_output=True, text=True
+    ).stdout
+    assert "sqakd.quant" in loaded
+    assert "sqakd.export" not in loaded
+
+
+def test_the_earlier_export_path_names_the_same_functions():
+    from sqakd.export import integer
+    from sqakd.quant import deployed, grid
+
+    assert integer.weight_form is grid.weight_form
+    assert integer.activation_form is grid.activation_form
+    assert integer.weight_codes is deployed.weight_codes
+    assert integer.check_calibrated is deployed.check_calibrated
