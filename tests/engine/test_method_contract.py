@@ -399,3 +399,32 @@ def test_unknown_and_mistyped_method_options_name_the_key():
         load_config(None, ["method.name=qat", "method.alpha=1"])
     recipe = load_config(None, ["method.alpha=0.5"]).method
     assert recipe.options["alpha"] == 0.5 and recipe.options["temperature"] == 4.0
+
+
+def test_a_method_that_needs_sample_indices_gets_them_with_each_batch(tmp_path):
+    import numpy as np
+
+    from sqakd.data import ImageArray
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (12, 4, 4, 3), dtype=np.uint8)
+    bundle = pipeline.DataBundle(ImageArray(images, np.arange(12) % 3), None, None,
+                                 (0.5,) * 3, (0.25,) * 3, 3, 3, (4, 4))  # fmt: skip
+    config = load_config(None, ["data.batch_size=4", "data.augment.crop_padding=0",
+                                "data.augment.flip=false"])  # fmt: skip
+    loader, _, _ = pipeline.make_loaders(
+        bundle, config, torch.device("cpu"), Needs(sample_index=True)
+    )
+    trainer = make_trainer(
+        build_method(MethodConfig()), *student_and_teacher("logits"), [], tmp_path, 1
+    )
+    seen = []
+    for item in loader:
+        batch = trainer.to_batch(item)
+        assert batch.labels is None and batch.index is not None and batch.size == 4
+        expected = (
+            torch.from_numpy(images[batch.index.numpy()]).permute(0, 3, 1, 2) / 255 - 0.5
+        ) / 0.25
+        torch.testing.assert_close(batch.images, expected)
+        seen += batch.index.tolist()
+    assert sorted(seen) == list(range(12))
