@@ -29,10 +29,14 @@ PAPER_CELLS = {
     "tinyimagenet_shufflenetv2": ({"pact", "lsq", "dorefa"}, {4, 8}),
     "tinyimagenet_squeezenet": ({"lsq", "dorefa"}, {4, 8}),
 }
+#: families beyond the paper's tables: (quantizers, bit-widths, the methods of every cell)
+COMPARISON_CELLS = {
+    "cifar10_resnet20_qkd": ({"lsq"}, {2, 3, 4}, {"qat", "sqakd", "qkd"}),
+}
 
 
 def test_every_paper_family_has_a_recipe() -> None:
-    assert {path.stem for path in FAMILIES} == set(PAPER_CELLS)
+    assert {path.stem for path in FAMILIES} == set(PAPER_CELLS) | set(COMPARISON_CELLS)
 
 
 @pytest.fixture(params=FAMILIES, ids=lambda path: path.stem)
@@ -41,13 +45,16 @@ def family(request: pytest.FixtureRequest):
 
 
 def test_the_family_lists_each_cell_with_and_without_sqakd(family) -> None:
-    quantizers, bits = PAPER_CELLS[family.name]
+    if family.name in COMPARISON_CELLS:
+        quantizers, bits, methods = COMPARISON_CELLS[family.name]
+    else:
+        (quantizers, bits), methods = PAPER_CELLS[family.name], {"qat", "sqakd"}
     assert {cell.quantizer for cell in family.cells} == quantizers
     assert {cell.weight_bits for cell in family.cells} == bits
     pairs: dict[tuple[str, int, int], set[str]] = {}
     for cell in family.cells:
         pairs.setdefault((cell.quantizer, cell.weight_bits, cell.act_bits), set()).add(cell.method)
-    assert all(methods == {"qat", "sqakd"} for methods in pairs.values()), pairs
+    assert all(listed == methods for listed in pairs.values()), pairs
 
 
 def test_every_cell_is_a_valid_configuration_at_the_papers_budget(family, tmp_path: Path) -> None:
@@ -57,11 +64,15 @@ def test_every_cell_is_a_valid_configuration_at_the_papers_budget(family, tmp_pa
         config = cell_config(family, cell, tmp_path, tmp_path / "teacher.safetensors")
         assert config.model.num_classes == CLASSES[family.dataset.name.split(" ")[0]]
         assert config.train.epochs == teacher.train.epochs or family.name.startswith("tiny")
-        if config.method.name == "sqakd":
-            assert config.method.options["gamma"] == 0.0  # SQAKD never reads a label
-            assert config.method.options["temperature"] == 4.0
-        else:  # the family's shared SQAKD keys are not handed to labeled QAT
-            assert config.method.name == "qat" and config.method.options == {}
+        options = config.method.options  # each cell keeps only its method's keys
+        if cell.method == "sqakd":
+            assert options["gamma"] == 0.0  # SQAKD never reads a label
+            assert options["temperature"] == 4.0
+        elif cell.method == "qkd":
+            assert options["temperature"] == 2.0 and options["labels"] is True
+            assert (options["self_study_epochs"], options["co_study_epochs"]) == (0.15, 0.5)
+        else:
+            assert cell.method == "qat" and options == {}
         assert config.data.root.name in {"cifar10", "cifar100", "tiny-imagenet-200"}
 
 
