@@ -428,3 +428,22 @@ def test_a_method_that_needs_sample_indices_gets_them_with_each_batch(tmp_path):
         torch.testing.assert_close(batch.images, expected)
         seen += batch.index.tolist()
     assert sorted(seen) == list(range(12))
+
+
+def test_epoch_hooks_run_a_trainable_teacher_in_eval_mode(tmp_path):
+    student, teacher = student_and_teacher("trainable")
+    batches = labeled_batches()
+    calibrate(student, [batches[0][0]])
+    modes = []
+
+    def measure(epoch, model, loss, batches):  # runs the method's loss, as EWGS's update does
+        before = snapshot(teacher)
+        modes.append(teacher.training)
+        loss(model, next(batches))
+        assert not changed(before, snapshot(teacher))  # batch-norm statistics unmoved
+
+    trainer = Trainer(student, teacher, TwoPhase(), batches, TrainConfig(epochs=2),
+                      torch.device("cpu"), RunLog(tmp_path, enabled=False), progress=False,
+                      epoch_hooks=[measure])  # fmt: skip
+    trainer.fit()
+    assert modes == [False, False] and teacher.training  # back in train mode for co-training

@@ -368,12 +368,21 @@ class Trainer:
             return sum(self.method.losses(Models(network, self.teacher), batch, phase).values())
 
         model = unwrap_model(self.model)
-        for hook in self.epoch_hooks:
-            loader = self.train_loader
-            if hasattr(loader, "set_epoch"):
-                loader.set_epoch(self.epoch)
-            model.train()
-            hook(epoch=self.epoch, model=model, loss=loss, batches=iter(loader))
+        # a hook only measures: a trainable teacher runs in eval mode, so that its batch-norm
+        # statistics do not move on the hook's batches
+        teacher_mode = self.teacher.training if self.teacher is not None else False
+        if self.teacher is not None:
+            self.teacher.eval()
+        try:
+            for hook in self.epoch_hooks:
+                loader = self.train_loader
+                if hasattr(loader, "set_epoch"):
+                    loader.set_epoch(self.epoch)
+                model.train()
+                hook(epoch=self.epoch, model=model, loss=loss, batches=iter(loader))
+        finally:
+            if self.teacher is not None:
+                self.teacher.train(teacher_mode)
 
     # ------------------------------------------------------------------------------- the run
     def evaluate(self, loader: Iterable) -> dict[str, float]:
