@@ -150,6 +150,13 @@ class TrainConfig(Section):
         return self.optimizers.get(group)
 
 
+#: the method section's keys and defaults before the method contract (every method had them)
+_PRE_CONTRACT_DEFAULTS: dict[str, Any] = {
+    "temperature": 4.0, "alpha": 1.0, "gamma": 0.0, "beta": 0.0, "extra_loss": None, "options": {},
+}  # fmt: skip
+_NO_DEFAULT = object()
+
+
 class MethodConfig(Section):
     """The training method (`name`) and, as further keys, that method's own typed options.
 
@@ -160,6 +167,27 @@ class MethodConfig(Section):
     model_config = ConfigDict(extra="allow", protected_namespaces=())
 
     name: str = "sqakd"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _pre_contract_run_folders(cls, data: Any) -> Any:
+        """Run folders written before the method contract (up to commit 55cf0d1) list SQAKD's
+        keys and an empty ``options`` for every method; drop those that hold their old defaults
+        where the method has no such option, so that ``sqakd eval --run OLD_RUN`` still works.
+        A non-default value is kept, and refused by the method's own validation."""
+        if not isinstance(data, dict):
+            return data
+        from .methods import method_class  # methods build on config: import when validating
+
+        try:
+            known = method_class(str(data.get("name", "sqakd"))).Options.model_fields
+        except ValueError:  # an unknown method: validation names it
+            return data
+        return {
+            key: value
+            for key, value in data.items()
+            if key in known or _PRE_CONTRACT_DEFAULTS.get(key, _NO_DEFAULT) != value
+        }
 
     @model_validator(mode="after")
     def _typed_options(self) -> MethodConfig:
