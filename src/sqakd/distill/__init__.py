@@ -1,13 +1,31 @@
-"""What the student learns from: distillation losses, registered by name."""
+"""What the student learns from: distillation losses.
 
+Logit losses (registered by name) are called as ``loss(student_logits, teacher_logits)``; feature
+losses as ``loss(student_features, teacher_features)`` on dicts ``{tap name: [B, C, H, W]}``.
+"""
+
+from .adapters import FeatureAdapters
+from .affinity import (
+    FastFeatureAffinity,
+    FeatureAffinity,
+    fast_feature_affinity_loss,
+    feature_affinity_loss,
+    gaussian_projection,
+)
 from .kl import KLDistillation, LogitMSE, kd_kl_divergence
 from .registry import available_losses, build_loss, register_loss
 
 __all__ = [
+    "FastFeatureAffinity",
+    "FeatureAdapters",
+    "FeatureAffinity",
     "KLDistillation",
     "LogitMSE",
     "available_losses",
     "build_loss",
+    "fast_feature_affinity_loss",
+    "feature_affinity_loss",
+    "gaussian_projection",
     "kd_kl_divergence",
     "register_loss",
 ]
