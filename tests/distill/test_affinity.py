@@ -112,6 +112,18 @@ def test_ffa_order_two_approaches_fa_order_two_as_k_grows():
     assert mean_errors[1024] < mean_errors[64] < mean_errors[4]
 
 
+def test_ffa_order_one_estimates_row_norms_not_fa_order_one():
+    student, teacher = maps(2, 8, 6, 6, seed=1), maps(2, 8, 6, 6, seed=2)
+    flat = [
+        m.flatten(2) / (m.flatten(2).norm(dim=1, keepdim=True) + 1e-5) for m in (student, teacher)
+    ]
+    difference = sum(sign * f.transpose(1, 2) @ f for sign, f in zip((1, -1), flat))
+    rows = math.sqrt(2 / math.pi) * difference.norm(dim=2).sum() / 36**2
+    estimate = fast_feature_affinity_loss(student, teacher, gaussian_projection(36, 20000))
+    assert estimate.item() == pytest.approx(rows.item(), rel=0.02)
+    assert abs(estimate.item() / feature_affinity_loss(student, teacher).item() - 1) > 0.1
+
+
 class LargestOutput(TorchDispatchMode):
     """Records the largest number of elements of any tensor an operator returns."""
 

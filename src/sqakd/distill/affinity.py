@@ -112,7 +112,8 @@ def fast_feature_affinity_loss(
 
     **Reductions**: summed over the batch as FA is (order 2: one norm over the whole tensor).
     The normalisation adds ``1e-5`` to each position's norm (the released FFA did not, dividing
-    by zero at all-zero positions after a ReLU), so FFA estimates exactly :func:`feature_affinity_loss`.
+    by zero at all-zero positions after a ReLU), so FFA order 2 estimates the order-2
+    :func:`feature_affinity_loss` of the same maps exactly as stated above.
     """
     _check_order(order)
     student, teacher = _normalized_pair(student_map, teacher_map)
