@@ -1,15 +1,33 @@
-"""What the student learns from: distillation losses, registered by name, and feature taps."""
+"""What the student learns from: distillation losses and feature taps.
 
+Logit losses (registered by name) are called as ``loss(student_logits, teacher_logits)``; feature
+losses as ``loss(student_features, teacher_features)`` on dicts ``{tap name: [B, C, H, W]}``.
+"""
+
+from .adapters import FeatureAdapters
+from .affinity import (
+    FastFeatureAffinity,
+    FeatureAffinity,
+    fast_feature_affinity_loss,
+    feature_affinity_loss,
+    gaussian_projection,
+)
 from .kl import KLDistillation, LogitMSE, kd_kl_divergence
 from .registry import available_losses, build_loss, register_loss
 from .taps import FeatureTaps
 
 __all__ = [
     "FeatureTaps",
+    "FastFeatureAffinity",
+    "FeatureAdapters",
+    "FeatureAffinity",
     "KLDistillation",
     "LogitMSE",
     "available_losses",
     "build_loss",
+    "fast_feature_affinity_loss",
+    "feature_affinity_loss",
+    "gaussian_projection",
     "kd_kl_divergence",
     "register_loss",
 ]

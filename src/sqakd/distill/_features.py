@@ -1,0 +1,55 @@
+"""Helpers shared by the feature losses: dictionaries of tapped maps keyed by tap name."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+from torch import Tensor
+
+
+def storage_name(tap: str) -> str:
+    """The name a per-tap submodule or buffer is stored under: the tap name with ``.`` -> ``/``.
+
+    Tap names are module names (``layer1.0``), but PyTorch forbids ``.`` in child and buffer
+    names; ``/`` keeps the checkpoint key readable (``adapters.layer1/0.0.weight``).
+    """
+    return tap.replace(".", "/")
+
+
+def storage_names(taps: Iterable[str]) -> dict[str, str]:
+    """``{tap: storage_name(tap)}``; two taps that would share a name are an error."""
+    names: dict[str, str] = {}
+    for tap in taps:
+        name = storage_name(tap)
+        if name in names.values():
+            raise ValueError(f"taps {tap!r} and another one both store as {name!r}; rename one")
+        names[tap] = name
+    return names
+
+
+def matching_taps(
+    student_features: Mapping[str, Tensor],
+    teacher_features: Mapping[str, Tensor],
+    expected: Iterable[str] | None = None,
+) -> list[str]:
+    """The tap names, checked: both dictionaries (and ``expected``, when given) name the same taps."""
+    for role, features in (("student", student_features), ("teacher", teacher_features)):
+        if not isinstance(features, Mapping):
+            raise TypeError(
+                f"{role} features must be a dict {{tap name: [B, C, H, W] map}}, "
+                f"got {type(features).__name__}; a feature loss is called on tapped features"
+            )
+    student, teacher = set(student_features), set(teacher_features)
+    if student != teacher:
+        raise ValueError(
+            f"student taps {sorted(student)} and teacher taps {sorted(teacher)} differ; "
+            "tap the same names in both models"
+        )
+    if not student:
+        raise ValueError("no feature maps given; tap at least one module in both models")
+    if expected is not None and student != set(expected):
+        raise ValueError(
+            f"features for taps {sorted(student)} but the loss was built for {sorted(expected)}; "
+            "build it with the taps you feed it"
+        )
+    return list(student_features)
