@@ -449,6 +449,7 @@ def data_shapes(config: Config, bundle: DataBundle, needs: Needs) -> DataShapes:
         image_shape=(bundle.in_channels, height, width),
         num_classes=int(config.model.num_classes or bundle.num_classes or 0),
         train_size=len(bundle.train) if needs.data == "train" else 0,
+        model_name=config.model.name,
     )
 
 

@@ -104,11 +104,13 @@ class Models:
 @dataclass(frozen=True)
 class DataShapes:
     """What a method may size its own modules by: one image's shape (C, H, W), the number of
-    classes and the number of training images (0 for a data-free run)."""
+    classes, the number of training images (0 for a data-free run) and the model's name (for its
+    registered stage names: ``sqakd.models.resolve_tap_names(spec, model_name)``)."""
 
     image_shape: tuple[int, int, int]
     num_classes: int
     train_size: int = 0
+    model_name: str = ""
 
 
 class Step(Protocol):
