@@ -18,6 +18,7 @@ from sqakd.bench import (
     BenchRow,
     Budget,
     cell_config,
+    cell_variant,
     expand_cells,
     expand_env,
     load_family,
@@ -333,3 +334,27 @@ def test_a_family_runs_end_to_end_and_a_rerun_skips_finished_cells(
     # a rerun with another budget is refused rather than mixed into the same table
     with pytest.raises(ValueError, match=r"train.epochs was 1, now 2"):
         run_bench(RESNET20_FAMILY, output, **{**options, "epochs": 2})
+
+
+def test_a_variant_names_its_cells_and_labels_its_rows(tmp_path: Path) -> None:
+    family = load_family(
+        write_family(
+            tmp_path / "toy.yaml",
+            "- {quantizers: [ewgs], bits: [4], methods: [sqakd, faqd]}\n"
+            "- {quantizers: [ewgs], bits: [4], methods: [faqd], set: {method.affinity: ffa}, "
+            "variant: ffa}\n",
+        )
+    )
+    names = [cell.name for cell in family.cells]
+    assert names == ["ewgs_w4a4_sqakd", "ewgs_w4a4_faqd", "ewgs_w4a4_faqd_ffa"]
+    configs = {
+        c.name: cell_config(family, c, tmp_path, tmp_path / "t.safetensors") for c in family.cells
+    }
+    assert configs["ewgs_w4a4_faqd_ffa"].method.options["affinity"] == "ffa"
+    assert configs["ewgs_w4a4_faqd"].method.options["affinity"] == "fa"
+    assert "alpha" not in configs["ewgs_w4a4_faqd"].method.options  # SQAKD's key stays with SQAKD
+    assert cell_variant("ewgs_w4a4_faqd_ffa", "faqd") == "ffa"
+    assert cell_variant("ewgs_w4a4_faqd", "faqd") == ""
+    with pytest.raises(ValueError, match="variant 'F F' must be a short name"):
+        load_family(write_family(tmp_path / "bad.yaml",
+                                 "- {quantizers: [ewgs], bits: [4], methods: [faqd], variant: F F}\n"))  # fmt: skip

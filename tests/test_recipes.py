@@ -32,6 +32,7 @@ PAPER_CELLS = {
 #: families beyond the paper's tables: (quantizers, bit-widths, the methods of every cell)
 COMPARISON_CELLS = {
     "cifar10_resnet20_qkd": ({"lsq"}, {2, 3, 4}, {"qat", "sqakd", "qkd"}),
+    "cifar10_resnet20_faqd": ({"ewgs"}, {2, 4}, {"qat", "sqakd", "faqd"}),
 }
 
 
@@ -68,6 +69,13 @@ def test_every_cell_is_a_valid_configuration_at_the_papers_budget(family, tmp_pa
         if cell.method == "sqakd":
             assert options["gamma"] == 0.0  # SQAKD never reads a label
             assert options["temperature"] == 4.0
+        elif cell.method == "faqd":  # label-free, FA by default; the variants change one key
+            assert options["label_weight"] == 0.0 and options["logit_loss"] == "mse"
+            variant = cell.name.removeprefix(
+                f"{cell.quantizer}_w{cell.weight_bits}a{cell.act_bits}_faqd"
+            )
+            expected = {"": ("fa", 0.1), "_ffa": ("ffa", 0.1), "_logit-only": ("fa", 0.0)}[variant]
+            assert (options["affinity"], options["affinity_weight"]) == expected
         elif cell.method == "qkd":
             assert options["temperature"] == 2.0 and options["labels"] is True
             assert (options["self_study_epochs"], options["co_study_epochs"]) == (0.15, 0.5)

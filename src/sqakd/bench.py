@@ -31,7 +31,7 @@ from .config import Config, merge, parse_override, set_dotted, validate_config
 from .methods import method_class
 
 FAMILY_KEYS = ("family", "title", "source", "dataset", "base", "teacher", "cells")
-GROUP_KEYS = ("quantizers", "bits", "methods", "set")
+GROUP_KEYS = ("quantizers", "bits", "methods", "set", "variant")
 DATASET_KEYS = ("name", "image_size", "expects", "hint")
 TEACHER_FOLDER = "teacher"
 CSV_COLUMNS = (
@@ -177,9 +177,19 @@ def parse_bits(value: Any) -> tuple[int, int]:
     return int(match.group(1)), int(match.group(2))
 
 
-def cell_name(quantizer: str, weight_bits: int, act_bits: int, method: str) -> str:
-    """The cell's folder name, e.g. ``ewgs_w4a4_sqakd`` (``lsq+`` becomes ``lsqplus``)."""
-    return f"{quantizer.replace('+', 'plus')}_w{weight_bits}a{act_bits}_{method}"
+def cell_name(
+    quantizer: str, weight_bits: int, act_bits: int, method: str, variant: str = ""
+) -> str:
+    """The cell's folder name, e.g. ``ewgs_w4a4_sqakd`` (``lsq+`` becomes ``lsqplus``), or
+    ``ewgs_w4a4_faqd_ffa`` for a group with ``variant: ffa`` (one method with other options)."""
+    name = f"{quantizer.replace('+', 'plus')}_w{weight_bits}a{act_bits}_{method}"
+    return f"{name}_{variant}" if variant else name
+
+
+def cell_variant(cell: str, method: str) -> str:
+    """The ``variant`` part of a cell name (``""`` when there is none)."""
+    head, marker, tail = cell.rpartition(f"_{method}_")
+    return tail if marker and head else ""
 
 
 def expand_cells(groups: Any) -> list[Cell]:
@@ -198,6 +208,12 @@ def expand_cells(groups: Any) -> list[Cell]:
         if missing:
             raise ValueError(f"{where} has no {', '.join(missing)}; give each as a list")
         settings = _nested(_as_mapping(group.get("set"), f"{where} set"))
+        variant = str(group.get("variant") or "")
+        if variant and not re.fullmatch(r"[a-z0-9][a-z0-9-]*", variant):
+            raise ValueError(
+                f"{where}: variant {variant!r} must be a short name of lower-case letters, digits "
+                "and dashes (it ends the cell's folder name)"
+            )
         for key, values in (
             ("quantizers", available_quantizers()),
             ("methods", available_methods()),
@@ -211,7 +227,7 @@ def expand_cells(groups: Any) -> list[Cell]:
             for bits in group["bits"]:
                 weight_bits, act_bits = parse_bits(bits)
                 for method in group["methods"]:
-                    name = cell_name(quantizer, weight_bits, act_bits, method)
+                    name = cell_name(quantizer, weight_bits, act_bits, method, variant)
                     if name in cells:
                         raise ValueError(
                             f"cell {name} is listed twice (again in {where}); list each cell once"
@@ -429,6 +445,11 @@ def read_row(family: str, folder: Path, cell: str | None = None) -> BenchRow:
     )
 
 
+def _variant_label(row: BenchRow) -> str:
+    variant = cell_variant(row.cell, row.method)
+    return f" [{variant}]" if variant else ""
+
+
 def _number(value: float | None, digits: int = 2) -> str:
     return "—" if value is None else f"{value:.{digits}f}"
 
@@ -454,7 +475,7 @@ def results_markdown(family: Family, teacher: BenchRow | None, rows: Sequence[Be
     ]
     for row in rows:
         lines.append(
-            f"| {method_label(row.method)} | {row.quantizer} | {row.bits} | "
+            f"| {method_label(row.method)}{_variant_label(row)} | {row.quantizer} | {row.bits} | "
             f"{'yes' if row.labels_used else 'no'} | {row.epochs} | {row.train_images or ''} | "
             f"{_number(row.top1_last)} | {_number(row.top1_best)} | {_number(row.val_top1)} | "
             f"{_number(row.teacher_top1)} | {row.minutes:.1f} | {row.images_per_second:.0f} |"
@@ -481,19 +502,20 @@ def plot_results(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    lines: dict[tuple[str, str], list[BenchRow]] = {}
+    lines: dict[tuple[str, str, str], list[BenchRow]] = {}
     for row in rows:
         if row.weight_bits is not None and row.top1_last is not None:
-            lines.setdefault((row.method, row.quantizer), []).append(row)
+            key = (row.method, cell_variant(row.cell, row.method), row.quantizer)
+            lines.setdefault(key, []).append(row)
     figure, axis = plt.subplots(figsize=(6.5, 4.2))
-    for (method, quantizer), points in sorted(lines.items()):
+    for (method, _, quantizer), points in sorted(lines.items()):
         points.sort(key=lambda r: r.weight_bits or 0)
         axis.plot(
             [p.weight_bits for p in points],
             [p.top1_last for p in points],
             marker="o",
             linestyle="--" if points[0].labels_used else "-",  # label-free methods solid
-            label=f"{method_label(method)} + {quantizer}",
+            label=f"{method_label(method)}{_variant_label(points[0])} + {quantizer}",
         )
     if teacher_top1 is not None:
         axis.axhline(teacher_top1, color="black", linestyle=":", label="teacher (float)")
