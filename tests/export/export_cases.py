@@ -9,7 +9,11 @@ from torch import nn
 from sqakd.quant import QuantPolicy, available_quantizers, calibrate, prepare
 
 #: quantizers that only exist for weights -> (weight method, activation method, W bits, A bits)
-WEIGHT_ONLY = {"binary": ("binary", "lsq", 1, 4), "ternary": ("ternary", "lsq", 2, 4)}
+WEIGHT_ONLY = {
+    "binary": ("binary", "lsq", 1, 4),
+    "ternary": ("ternary", "lsq", 2, 4),
+    "faqd4": ("faqd4", "lsq", 4, 4),
+}
 
 
 def bit_settings(method: str) -> list[tuple[int, int]]:

@@ -74,7 +74,9 @@ def test_round_trip_is_bit_exact(small_net, cifar_batch, tmp_path, method, weigh
         assert torch.equal(new_codes, old_codes)
 
 
-@pytest.mark.parametrize(("method", "bits"), [("binary", 1), ("ternary", 2), ("minmax", 4)])
+@pytest.mark.parametrize(
+    ("method", "bits"), [("binary", 1), ("ternary", 2), ("faqd4", 4), ("minmax", 4)]
+)
 def test_pinned_weight_of_statistic_quantizers_is_dropped_once_the_weight_changes(
     small_net, cifar_batch, tmp_path, method, bits
 ):

@@ -127,3 +127,48 @@ class TernaryQuantizer(_WeightProjection):
         zero = torch.zeros_like(scale)
         axis = self.channel_axis if self.per_channel else None
         return QuantGrid(2, -1, 1, scale, zero, scale.clone(), zero.clone(), axis)
+
+
+@register_quantizer("faqd4")
+class LeastSquares4BitQuantizer(_WeightProjection):
+    """FAQD's 4-bit weights: 15 symmetric levels ``s * {-7, ..., 7}`` with a least-squares scale.
+
+    Per tensor (or per output channel)::
+
+        d = min(max|w| / 15, 10)                       # the step of the integer magnitudes
+        q = clamp(ceil(|w| / (2 d) - 1/2), 0, 7)       # q = j where (2j - 1) d < |w| <= (2j + 1) d
+        s = sum(|w| q) / sum(q^2)                      # least-squares fit of |w| by s q, q fixed
+        w_q = s * q * sign(w)
+
+    as the released FAQD code computes it (one pass, not iterated; ties round down). Backward:
+    straight through (``d w_q / d w = 1``). Grid: codes ``[-7, 7]``, scale ``s``, zero point 0
+    (int4's -8 is never used). An all-zero weight projects to zero.
+    """
+
+    required_bits = 4
+    max_step = 10.0
+
+    def _reduce(self, values: Tensor, fn: str) -> Tensor:
+        if self.per_channel:
+            return per_channel_reduce(values, self.channel_axis, fn)
+        return per_channel_reduce(values.reshape(1, -1), 0, fn)[0]
+
+    def _project(self, w: Tensor) -> tuple[Tensor, Tensor]:
+        magnitude = w.detach().abs()
+        step = (self._reduce(magnitude, "amax") / 15).clamp(max=self.max_step)
+        step = broadcast_channels(step, w, self.channel_axis).clamp_min(1e-30)
+        integer = torch.ceil(magnitude / (2 * step) - 0.5).clamp(0, 7)
+        fit = self._reduce(magnitude * integer, "sum") / self._reduce(
+            integer * integer, "sum"
+        ).clamp_min(1e-30)
+        return torch.sign(w.detach()) * integer, fit
+
+    def _value(self, codes: Tensor, magnitude: Tensor) -> Tensor:
+        return magnitude * codes
+
+    @torch.no_grad()
+    def grid(self) -> QuantGrid:
+        scale = self.magnitude.clone()
+        zero = torch.zeros_like(scale)
+        axis = self.channel_axis if self.per_channel else None
+        return QuantGrid(4, -7, 7, scale, zero, scale.clone(), zero.clone(), axis)
