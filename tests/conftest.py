@@ -46,3 +46,23 @@ def cifar10_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     _extract(CIFAR10_TARBALL, root)
     yield root
     shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def fit_until():
+    """``fit_until(trainer, step)``: ``trainer.fit()`` interrupted (``KeyboardInterrupt``, as a
+    Ctrl-C would) just before step ``step`` starts; what the checkpoints hold is then the test's."""
+
+    def run(trainer, step: int) -> None:
+        original = trainer.train_step
+
+        def train_step(batch):
+            if trainer.step == step:
+                raise KeyboardInterrupt
+            return original(batch)
+
+        trainer.train_step = train_step
+        with pytest.raises(KeyboardInterrupt):
+            trainer.fit()
+
+    return run

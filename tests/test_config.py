@@ -1,6 +1,6 @@
 import pytest
 
-from sqakd.config import load_config, parse_override
+from sqakd.config import load_config, parse_override, validate_config
 
 
 def test_defaults_are_the_released_code_settings():
@@ -76,3 +76,15 @@ def test_a_validator_message_reads_as_one_plain_sentence():
     assert str(error.value) == (
         "config key 'run.compile': run.compile must be true, false or auto, got 'maybe'"
     )
+
+
+def test_a_run_folder_from_before_the_method_contract_still_loads():
+    old_dump = {"temperature": 4.0, "alpha": 1.0, "gamma": 0.0, "beta": 0.0, "extra_loss": None,
+                "options": {}}  # fmt: skip
+    assert validate_config({"method": {"name": "qat", **old_dump}}).method.options == {}
+    sqakd = validate_config({"method": {"name": "sqakd", **old_dump, "alpha": 2.0}}).method
+    assert sqakd.options["alpha"] == 2.0 and "options" not in sqakd.options
+    with pytest.raises(ValueError, match="unknown config key 'method.temperature' for method 'qat'"):
+        validate_config({"method": {"name": "qat", **old_dump, "temperature": 3.0}})
+    with pytest.raises(ValueError, match="unknown config key 'method.alpha' for method 'qat'"):
+        validate_config({"method": {"name": "qat", "alpha": 1.0}})  # a recipe, not an old dump

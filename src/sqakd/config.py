@@ -172,11 +172,12 @@ class MethodConfig(Section):
     @classmethod
     def _pre_contract_run_folders(cls, data: Any) -> Any:
         """Run folders written before the method contract (up to commit 55cf0d1) list SQAKD's
-        keys and an empty ``options`` for every method; drop those that hold their old defaults
-        where the method has no such option, so that ``sqakd eval --run OLD_RUN`` still works.
-        A non-default value is kept, and refused by the method's own validation."""
-        if not isinstance(data, dict):
-            return data
+        keys and an empty ``options`` for every method; in such a dump (all six keys present),
+        drop those that hold their old defaults where the method has no such option, so that
+        ``sqakd eval --run OLD_RUN`` still works. A non-default value is kept, and refused by the
+        method's own validation; a recipe that names a key of another method is refused too."""
+        if not isinstance(data, dict) or not set(_PRE_CONTRACT_DEFAULTS) <= set(data):
+            return data  # only a whole old dump (every key, "options" among them) is such a folder
         from .methods import method_class  # methods build on config: import when validating
 
         try:

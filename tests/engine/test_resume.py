@@ -79,23 +79,14 @@ def make_trainer(tmp_path: Path, batches, checkpoint_every_steps=None) -> Traine
                    checkpoint_dir=tmp_path / "checkpoints", progress=False)  # fmt: skip
 
 
-def test_mid_epoch_checkpoint_resumes_at_the_next_batch_with_its_random_state(tmp_path):
+def test_mid_epoch_checkpoint_resumes_at_the_next_batch_with_its_random_state(tmp_path, fit_until):
     """Dropout draws from torch's global generator: only a restored RNG state repeats them."""
     torch.manual_seed(5)
     batches = [(torch.randn(4, 3, 2, 2), torch.randint(0, 2, (4,))) for _ in range(3)]
     full = make_trainer(tmp_path / "full", batches)
     full.fit()
     interrupted = make_trainer(tmp_path / "cut", batches, checkpoint_every_steps=2)
-    original = interrupted.train_step
-
-    def stop_after_four(batch):
-        if interrupted.step == 4:
-            raise KeyboardInterrupt
-        return original(batch)
-
-    interrupted.train_step = stop_after_four
-    with pytest.raises(KeyboardInterrupt):
-        interrupted.fit()
+    fit_until(interrupted, 4)
     state = safe_torch_load(tmp_path / "cut" / "checkpoints" / "last.pt")
     assert (state["epoch"], state["batch_in_epoch"], state["step"]) == (1, 1, 4)
     assert len(state["history"]) == 1 and "loss" in state["epoch_sums"]

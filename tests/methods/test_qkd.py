@@ -288,20 +288,11 @@ def resumable_trainer(tmp_path: Path, checkpoint_every_steps=None):
     return trainer, student, teacher
 
 
-def test_a_resume_in_the_middle_of_co_studying_is_bit_identical(tmp_path):
+def test_a_resume_in_the_middle_of_co_studying_is_bit_identical(tmp_path, fit_until):
     full, full_student, full_teacher = resumable_trainer(tmp_path / "full")
     full.fit()
     cut, _, _ = resumable_trainer(tmp_path / "cut", checkpoint_every_steps=2)
-    original = cut.train_step
-
-    def stop_at_five(batch):
-        if cut.step == 5:  # epoch 2 (co-studying), batch 3: the checkpoint of step 4 is kept
-            raise KeyboardInterrupt
-        return original(batch)
-
-    cut.train_step = stop_at_five
-    with pytest.raises(KeyboardInterrupt):
-        cut.fit()
+    fit_until(cut, 5)  # epoch 2 (co-studying), batch 3: the checkpoint of step 4 is kept
     state = safe_torch_load(tmp_path / "cut" / "checkpoints" / "last.pt")
     assert (state["epoch"], state["batch_in_epoch"]) == (1, 1) and "teacher" in state
     resumed, student, teacher = resumable_trainer(tmp_path / "resumed")

@@ -85,6 +85,13 @@ class _WeightProjection(Quantizer):
     def codes(self, x: Tensor) -> Tensor:
         return self._project(x)[0]
 
+    def _symmetric_grid(self, limit: int) -> QuantGrid:
+        """Codes ``-limit..limit`` times the last magnitude, zero point 0."""
+        scale = self.magnitude.clone()
+        zero = torch.zeros_like(scale)
+        axis = self.channel_axis if self.per_channel else None
+        return QuantGrid(self.bits, -limit, limit, scale, zero, scale.clone(), zero.clone(), axis)
+
 
 @register_quantizer("binary")
 class BinaryQuantizer(_WeightProjection):
@@ -123,10 +130,7 @@ class TernaryQuantizer(_WeightProjection):
 
     @torch.no_grad()
     def grid(self) -> QuantGrid:
-        scale = self.magnitude.clone()
-        zero = torch.zeros_like(scale)
-        axis = self.channel_axis if self.per_channel else None
-        return QuantGrid(2, -1, 1, scale, zero, scale.clone(), zero.clone(), axis)
+        return self._symmetric_grid(1)
 
 
 @register_quantizer("faqd4")
@@ -168,7 +172,4 @@ class LeastSquares4BitQuantizer(_WeightProjection):
 
     @torch.no_grad()
     def grid(self) -> QuantGrid:
-        scale = self.magnitude.clone()
-        zero = torch.zeros_like(scale)
-        axis = self.channel_axis if self.per_channel else None
-        return QuantGrid(4, -7, 7, scale, zero, scale.clone(), zero.clone(), axis)
+        return self._symmetric_grid(7)
