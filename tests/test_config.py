@@ -84,7 +84,9 @@ def test_a_run_folder_from_before_the_method_contract_still_loads():
     assert validate_config({"method": {"name": "qat", **old_dump}}).method.options == {}
     sqakd = validate_config({"method": {"name": "sqakd", **old_dump, "alpha": 2.0}}).method
     assert sqakd.options["alpha"] == 2.0 and "options" not in sqakd.options
-    with pytest.raises(ValueError, match="unknown config key 'method.temperature' for method 'qat'"):
+    with pytest.raises(
+        ValueError, match="unknown config key 'method.temperature' for method 'qat'"
+    ):
         validate_config({"method": {"name": "qat", **old_dump, "temperature": 3.0}})
     with pytest.raises(ValueError, match="unknown config key 'method.alpha' for method 'qat'"):
         validate_config({"method": {"name": "qat", "alpha": 1.0}})  # a recipe, not an old dump
