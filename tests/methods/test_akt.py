@@ -114,7 +114,7 @@ def test_the_generator_loss_is_adadfqs_and_reaches_the_generator_through_both_ne
                 )  # fmt: skip
                 assert any(g is not None and g.abs().sum() > 0 for g in grads), name
 
-    step = RecordingStep(Phase("warmup", 1), check)
+    step = RecordingStep(Phase("warmup", 1, trains=("generator",)), check)
     losses = method.training_step(Models(student, teacher), Batch(None, size=5), step)
     assert [groups for groups, _ in step.updates] == [("generator",)]  # warm-up: no student
     assert not losses["rfd"].requires_grad and float(losses["rfd"]) > 0  # only measured
@@ -287,3 +287,17 @@ def test_bad_input_is_a_one_line_error():
             Models(student, fixed), DataShapes((3, 10, 10), 3)
         )
     assert "\n" not in str(error.value)
+
+
+def test_ptq_on_generated_images_trains_the_generator_and_only_tracks_the_students_ranges(
+    tmp_path,
+):
+    method, student, teacher = akt(name="ptq_generated")
+    trainer = trainer_for(method, student, teacher, tmp_path, epochs=1)
+    before, generator_before = snapshot(student), parameters(method.generator)
+    trainer.fit()
+    after = snapshot(student)
+    moved = changed(before, after)
+    assert moved and all(k.endswith(("min_value", "max_value")) for k in moved)
+    assert changed(generator_before, parameters(method.generator)) == set(generator_before)
+    assert {"train_g_ce", "train_g_bns", "train_kl", "train_ce"} <= set(trainer.result.history[0])

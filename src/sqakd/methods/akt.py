@@ -248,7 +248,7 @@ class AKT(Method):
         )
         generator_losses = self.generator_losses(teacher_logits, models.student(images), labels)
         step.update(generator_losses, groups=(GENERATOR,))
-        warmup = step.phase.name == WARMUP
+        warmup = not trains_student(step.phase)
         with torch.set_grad_enabled(not warmup):
             logits = models.student(images.detach())
             student_losses = self.student_losses(
@@ -282,7 +282,7 @@ class AKT(Method):
         if cfg.freeze_ranges_after_warmup:
             for _, quantizer in quantizers(plain):
                 if quantizer.role == "activation" and hasattr(quantizer, "freeze"):
-                    if phase.name == WARMUP:
+                    if not trains_student(phase):
                         quantizer.unfreeze()
                     else:
                         quantizer.freeze()
@@ -336,6 +336,10 @@ class AKT(Method):
         return losses
 
 
+def trains_student(phase: Phase) -> bool:
+    return phase.trains is None or "weights" in phase.trains
+
+
 @register_method("adadfq")
 class AdaDFQ(AKT):
     label = "AdaDFQ (data-free)"
@@ -348,3 +352,25 @@ class GDFQ(AKT):
     label = "GDFQ (data-free)"
     name = "gdfq"
     Options = GDFQOptions
+
+
+class PTQGeneratedOptions(GDFQOptions):
+    """The generator learns GDFQ's loss; the student is never stepped."""
+
+    warmup_epochs: int = Field(0, ge=0)  # unused: every epoch trains only the generator
+
+
+@register_method("ptq_generated")
+class PTQGenerated(AKT):
+    """Post-training quantization on generated images, the plain data-free baseline: every
+    epoch trains only the generator (GDFQ's loss by default: CE(t, y) + 0.1 BNS, which needs no
+    student), while the student's activation ranges (``minmax``: an EMA) track the generated
+    batches; its weights are never trained. The student's losses are logged as a measure.
+    Other quantizers keep the ranges they were calibrated with on the first generated batch."""
+
+    label = "PTQ on generated images (data-free)"
+    name = "ptq_generated"
+    Options = PTQGeneratedOptions
+
+    def phases(self, epochs: int) -> list[Phase]:
+        return [Phase("calibrate", epochs, trains=(GENERATOR,))]
