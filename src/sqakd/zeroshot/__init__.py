@@ -3,6 +3,7 @@ losses that train it (batch-norm statistics matching, GDFQ's and AdaDFQ's terms)
 
 from .bns import BatchNormStatistics, batchnorm_layers
 from .generator import ConditionalGenerator
+from .grid import class_grid
 from .losses import (
     agreement_loss,
     disagreement_loss,
@@ -17,6 +18,7 @@ __all__ = [
     "ConditionalGenerator",
     "agreement_loss",
     "batchnorm_layers",
+    "class_grid",
     "disagreement_loss",
     "entropy",
     "margin_loss",

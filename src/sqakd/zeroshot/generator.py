@@ -18,6 +18,9 @@ and unit variance per channel, like normalised training images.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
+
 import torch
 from torch import Tensor, nn
 
@@ -85,3 +88,27 @@ class ConditionalGenerator(nn.Module):
         """``(images [size, C, H, W], labels [size])`` from fresh latents and labels."""
         latent, labels = self.sample(size)
         return self(latent, labels), labels
+
+    @classmethod
+    def from_state_dict(
+        cls, state: Mapping[str, Tensor], image_size: tuple[int, int] | None = None
+    ) -> ConditionalGenerator:
+        """The generator whose weights ``state`` holds (its sizes read from the weights; the
+        image is square unless ``image_size`` (H, W) says otherwise)."""
+        try:
+            classes, latent = state["embedding.weight"].shape
+            width = int(state["body.0.weight"].shape[0])
+            channels = int(state["body.9.weight"].shape[0])
+            cells = int(state["project.weight"].shape[0]) // width
+        except KeyError as error:
+            raise ValueError(f"not the weights of a ConditionalGenerator: no {error}") from None
+        if image_size is None:
+            side = math.isqrt(cells)
+            if side * side != cells:
+                raise ValueError(
+                    "the generator's images are not square; give their size (data.resize)"
+                )
+            image_size = (4 * side, 4 * side)
+        generator = cls((channels, *image_size), int(classes), int(latent), width)
+        generator.load_state_dict(dict(state))
+        return generator
