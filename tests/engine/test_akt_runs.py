@@ -5,9 +5,12 @@ and the generator is in the run's checkpoint."""
 from __future__ import annotations
 
 import pytest
+from PIL import Image
+from typer.testing import CliRunner
 
 from sqakd import data as datasets
 from sqakd import pipeline
+from sqakd.cli import app
 from sqakd.config import load_config
 from sqakd.engine import safe_torch_load
 
@@ -45,6 +48,13 @@ def test_an_akt_run_never_touches_the_training_split(
     assert set(state["optimizers"]) == {"weights", "generator"}
     # small_cnn has no residual blocks: its registered stage outputs are tapped
     assert "RFD taps: relu1, relu2, relu3" in (tmp_path / "run" / "train.log").read_text()
+    # sqakd generate: one row of 3 images per class from the saved generator (8 px + 2 padding)
+    outcome = CliRunner().invoke(
+        app, ["generate", "--run", str(tmp_path / "run"), "--per-class", "3"]
+    )
+    assert outcome.exit_code == 0, outcome.output
+    with Image.open(tmp_path / "run" / "generated.png") as picture:
+        assert picture.size == (3 * 10, 2 * 10) and picture.mode == "RGB"
     with pytest.raises(ValueError, match="warmup_epochs is 4"):
         pipeline.run(load_config(None, [*settings[:-2], "method.warmup_epochs=4",
                                         f"run.output={tmp_path / 'again'}"]))  # fmt: skip
