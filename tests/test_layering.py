@@ -18,6 +18,7 @@ FORBIDDEN = {
     "methods": {"engine", "pipeline", "cli", "export"},
     "models": {"quant", "engine", "methods", "export", "pipeline", "cli"},
     "data": {"quant", "engine", "methods", "export", "models", "pipeline", "cli"},
+    "zeroshot": {"quant", "distill", "engine", "methods", "export", "models", "pipeline", "cli"},
 }
 
 

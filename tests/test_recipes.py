@@ -33,7 +33,10 @@ PAPER_CELLS = {
 COMPARISON_CELLS = {
     "cifar10_resnet20_qkd": ({"lsq"}, {2, 3, 4}, {"qat", "sqakd", "qkd"}),
     "cifar10_resnet20_faqd": ({"ewgs"}, {2, 4}, {"qat", "sqakd", "faqd"}),
+    "cifar10_resnet20_akt": ({"minmax"}, {3, 4, 5}, {"ptq_generated", "gdfq", "adadfq", "akt"}),
 }
+#: data-free methods: no training image, 200 generated batches per epoch (released)
+ZERO_SHOT = {"ptq_generated", "gdfq", "adadfq", "akt"}
 
 
 def test_every_paper_family_has_a_recipe() -> None:
@@ -61,6 +64,7 @@ def test_the_family_lists_each_cell_with_and_without_sqakd(family) -> None:
 def test_every_cell_is_a_valid_configuration_at_the_papers_budget(family, tmp_path: Path) -> None:
     teacher = teacher_config(family, tmp_path)
     assert teacher.train.epochs >= 100 and teacher.train.weights.name == "sgd"
+    assert teacher.train.max_steps_per_epoch is None  # the teacher sees its whole training set
     for cell in family.cells:
         config = cell_config(family, cell, tmp_path, tmp_path / "teacher.safetensors")
         assert config.model.num_classes == CLASSES[family.dataset.name.split(" ")[0]]
@@ -79,6 +83,11 @@ def test_every_cell_is_a_valid_configuration_at_the_papers_budget(family, tmp_pa
         elif cell.method == "qkd":
             assert options["temperature"] == 2.0 and options["labels"] is True
             assert (options["self_study_epochs"], options["co_study_epochs"]) == (0.15, 0.5)
+        elif cell.method in ZERO_SHOT:
+            assert config.train.max_steps_per_epoch == 200 and config.data.batch_size == 200
+            assert config.quant.first_last == "same" and options["warmup_epochs"] == 4
+            assert options["rfd_weight"] == (1000.0 if cell.method == "akt" else 0.0)
+            assert options["temperature"] == 20.0
         else:
             assert cell.method == "qat" and options == {}
         assert config.data.root.name in {"cifar10", "cifar100", "tiny-imagenet-200"}

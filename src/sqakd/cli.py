@@ -308,6 +308,44 @@ def bench(
     typer.echo(f"wrote {', '.join(str(path) for path in result.files.values())}")
 
 
+@app.command()
+@one_line_errors
+def generate(
+    run: Annotated[Path, typer.Option(help="the folder of a data-free run (akt, adadfq, gdfq)")],
+    per_class: Annotated[int, typer.Option(help="images per class (one row per class)")] = 8,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="PNG to write (RUN/generated.png)")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="seed of the latent vectors")] = 0,
+) -> None:
+    """Write a grid of generated images, one row per class, from a run's saved generator."""
+    import torch
+    from PIL import Image
+
+    from .engine import safe_torch_load
+    from .zeroshot import ConditionalGenerator, class_grid
+
+    checkpoint = run / "checkpoints" / "last.pt"
+    if not checkpoint.is_file():
+        raise ValueError(f"{checkpoint} not found; give the folder of a data-free run (--run)")
+    config = _config(run / "config.yaml", None)
+    prefix = "generator."
+    method_state = safe_torch_load(checkpoint).get("method", {})
+    state = {k[len(prefix) :]: v for k, v in method_state.items() if k.startswith(prefix)}
+    if not state:
+        raise ValueError(f"the run in {run} ({config.method.name}) has no generator")
+    resize = tuple(config.data.resize) if config.data.resize else None
+    generator = ConditionalGenerator.from_state_dict(state, resize)
+    if config.data.mean is None or config.data.std is None:
+        raise ValueError(f"{run / 'config.yaml'} records no data.mean/data.std to show images")
+    torch.manual_seed(seed)
+    grid = class_grid(generator, per_class, config.data.mean, config.data.std)
+    output = output or run / "generated.png"
+    array = grid.numpy()
+    Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array).save(output)
+    typer.echo(f"wrote {output} ({generator.num_classes} classes x {per_class} images)")
+
+
 @app.command("methods")
 def list_methods() -> None:
     """List the registered quantizers, training methods, distillation losses, models and data formats."""

@@ -12,6 +12,12 @@ from .affinity import (
     feature_affinity_loss,
     gaussian_projection,
 )
+from .attention import (
+    RefinedFeatureDistillation,
+    channel_attention,
+    softened_kl,
+    spatial_attention,
+)
 from .kl import KLDistillation, LogitMSE, kd_kl_divergence
 from .registry import available_losses, build_loss, register_loss
 from .taps import FeatureTaps
@@ -23,11 +29,15 @@ __all__ = [
     "FeatureAffinity",
     "KLDistillation",
     "LogitMSE",
+    "RefinedFeatureDistillation",
     "available_losses",
     "build_loss",
+    "channel_attention",
     "fast_feature_affinity_loss",
     "feature_affinity_loss",
     "gaussian_projection",
     "kd_kl_divergence",
     "register_loss",
+    "softened_kl",
+    "spatial_attention",
 ]

@@ -13,6 +13,7 @@ from .registry import (
     build_model,
     model_stages,
     register_model,
+    residual_bodies,
     resolve_tap_names,
 )
 
@@ -24,5 +25,6 @@ __all__ = [
     "normalise_state_dict",
     "read_state_dict",
     "register_model",
+    "residual_bodies",
     "resolve_tap_names",
 ]

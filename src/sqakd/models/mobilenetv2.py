@@ -81,6 +81,11 @@ class InvertedResidual(nn.Module):
         ]
         self.conv = nn.Sequential(*layers)
 
+    @property
+    def body_output(self) -> str:
+        """The projection's batch norm: the body's output, before the skip is added."""
+        return f"conv.{len(self.conv) - 1}"
+
     def forward(self, x: Tensor) -> Tensor:
         out = self.conv(x)
         return x + out if self.use_residual else out

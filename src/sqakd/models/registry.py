@@ -139,6 +139,18 @@ def resolve_tap_names(spec: str | Sequence[str], model_name: str) -> list[str]:
     return names
 
 
+def residual_bodies(model: nn.Module) -> list[str]:
+    """The module names of every residual block's body output (before the shortcut is added),
+    in model order: blocks declare the submodule as ``body_output`` (the CIFAR and ImageNet
+    ResNets' ``bn2``, MobileNetV2's projection batch norm). Empty for a model without such
+    blocks."""
+    return [
+        f"{name}.{module.body_output}"
+        for name, module in model.named_modules()
+        if name and isinstance(getattr(module, "body_output", None), str)
+    ]
+
+
 def _registered_builder(name: str) -> Callable[..., nn.Module]:
     return _registered_entry(name).builder
 

@@ -24,6 +24,9 @@ from .registry import register_model
 class BasicBlock(nn.Module):
     """relu(bn2(conv2(relu(bn1(conv1(x))))) + downsample(x)), two 3x3 convolutions."""
 
+    #: the submodule whose output is the residual body's, before the shortcut is added
+    body_output = "bn2"
+
     def __init__(self, in_channels: int, channels: int, stride: int = 1) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, channels, 3, stride=stride, padding=1, bias=False)
