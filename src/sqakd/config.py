@@ -104,8 +104,12 @@ class TeacherConfig(Section):
 
 
 class OptimizerConfig(Section):
+    """One optimizer and its schedule (``betas`` only for adam and adamw, ``momentum`` and
+    ``nesterov`` only for sgd)."""
+
     name: Literal["adam", "adamw", "sgd"] = "adam"
     lr: float = Field(1e-3, gt=0)
+    betas: tuple[float, float] = (0.9, 0.999)  # adam and adamw
     weight_decay: float = Field(0.0, ge=0)
     momentum: float = Field(0.9, ge=0, lt=1)
     nesterov: bool = False

@@ -80,16 +80,31 @@ class RunLog:
             return
         path = self.folder / "metrics.csv"
         path.unlink(missing_ok=True)
-        for row in rows:
-            self._append_csv(path, row)
+        if rows:
+            self._write_csv(path, [dict(row) for row in rows])
 
     def _append_csv(self, path: Path, row: dict[str, Any]) -> None:
-        new = not path.exists()
-        with path.open("a", newline="") as stream:
-            writer = csv.DictWriter(stream, fieldnames=list(row))
-            if new:
-                writer.writeheader()
-            writer.writerow(row)
+        """One more row; when it brings a column the file lacks (a phase that logs other losses),
+        the file is rewritten with every column, so that no value lands under another's name."""
+        earlier: list[dict[str, Any]] = []
+        if path.exists():
+            with path.open(newline="") as stream:
+                reader = csv.DictReader(stream)
+                header = list(reader.fieldnames or [])
+                if set(row) <= set(header):
+                    with path.open("a", newline="") as appending:
+                        csv.DictWriter(appending, fieldnames=header, restval="").writerow(row)
+                    return
+                earlier = list(reader)
+        self._write_csv(path, [*earlier, row])
+
+    @staticmethod
+    def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+        columns = list(dict.fromkeys(key for row in rows for key in row))
+        with path.open("w", newline="") as stream:
+            writer = csv.DictWriter(stream, fieldnames=columns, restval="")
+            writer.writeheader()
+            writer.writerows(rows)
 
     def close(self) -> None:
         if self._file_handler is not None:

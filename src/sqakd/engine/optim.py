@@ -10,8 +10,12 @@ from torch import nn
 from ..config import OptimizerConfig
 
 _OPTIMIZERS = {
-    "adam": lambda params, c: torch.optim.Adam(params, lr=c.lr, weight_decay=c.weight_decay),
-    "adamw": lambda params, c: torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay),
+    "adam": lambda params, c: torch.optim.Adam(
+        params, lr=c.lr, betas=c.betas, weight_decay=c.weight_decay
+    ),
+    "adamw": lambda params, c: torch.optim.AdamW(
+        params, lr=c.lr, betas=c.betas, weight_decay=c.weight_decay
+    ),
     "sgd": lambda params, c: torch.optim.SGD(
         params, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay, nesterov=c.nesterov
     ),

@@ -214,12 +214,12 @@ class AKT(Method):
         return {**student_groups(models.student), GENERATOR: list(self.generator.parameters())}
 
     def optimizer_settings(self, group: str, default: OptimizerConfig) -> OptimizerConfig:
-        """The generator: Adam, lr 1e-3, no weight decay (as released; the released betas
-        (0.5, 0.999) cannot be set: the optimizer settings have no betas), on the student's
-        schedule."""
+        """The generator: Adam, lr 1e-3, betas (0.5, 0.999), no weight decay (as released), on
+        the student's schedule."""
         if group != GENERATOR:
             return default
-        return default.model_copy(update={"name": "adam", "lr": 1e-3, "weight_decay": 0.0})
+        update = {"name": "adam", "lr": 1e-3, "betas": (0.5, 0.999), "weight_decay": 0.0}
+        return default.model_copy(update=update)
 
     def phases(self, epochs: int) -> list[Phase]:
         warmup = self.options.warmup_epochs
