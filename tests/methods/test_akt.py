@@ -87,6 +87,7 @@ def test_rfd_is_nonzero_and_sends_gradient_into_the_student_on_a_real_step():
             assert gradient.abs().sum() > 0
 
     step = RecordingStep(Phase("train", 1), check)
+    method.enter_phase(Models(student, teacher), step.phase)  # what the trainer does
     losses = method.training_step(Models(student, teacher), Batch(None, size=4), step)
     assert [groups for groups, _ in step.updates] == [("generator",), ("weights", "quantizers")]
     assert set(losses) == {"g_margin", "g_disagreement", "g_agreement", "g_bns", "entropy", "rfd"}
@@ -115,6 +116,7 @@ def test_the_generator_loss_is_adadfqs_and_reaches_the_generator_through_both_ne
                 assert any(g is not None and g.abs().sum() > 0 for g in grads), name
 
     step = RecordingStep(Phase("warmup", 1, trains=("generator",)), check)
+    method.enter_phase(Models(student, teacher), step.phase)  # what the trainer does
     losses = method.training_step(Models(student, teacher), Batch(None, size=5), step)
     assert [groups for groups, _ in step.updates] == [("generator",)]  # warm-up: no student
     assert not losses["rfd"].requires_grad and float(losses["rfd"]) > 0  # only measured
@@ -227,12 +229,14 @@ def test_adadfq_is_akt_without_rfd_and_gdfq_has_its_own_losses():
     method, student, teacher = akt(name="adadfq")
     assert method.options.rfd_weight == 0 and method.taps == []
     step = RecordingStep(Phase("train", 1))
+    method.enter_phase(Models(student, teacher), step.phase)  # what the trainer does
     losses = method.training_step(Models(student, teacher), Batch(None, size=4), step)
     assert set(losses) == {"g_margin", "g_disagreement", "g_agreement", "g_bns", "entropy"}
     method, student, teacher = akt(name="gdfq")
     options = method.options
     assert (options.bns_weight, options.logit_loss, options.temperature) == (0.1, "kl", 20.0)
     step = RecordingStep(Phase("train", 1))
+    method.enter_phase(Models(student, teacher), step.phase)  # what the trainer does
     losses = method.training_step(Models(student, teacher), Batch(None, size=4), step)
     assert set(losses) == {"g_ce", "g_bns", "kl", "ce"}
     assert method.needs.data == "none" and not method.needs.labels
@@ -242,6 +246,7 @@ def test_the_papers_mean_and_alpha_mix_are_options():
     method, student, teacher = akt("method.layer_reduction=mean", "method.alpha=0.5",
                                    "method.logit_loss=kl")  # fmt: skip
     step = RecordingStep(Phase("train", 1))
+    method.enter_phase(Models(student, teacher), step.phase)  # what the trainer does
     losses = method.training_step(Models(student, teacher), Batch(None, size=4), step)
     assert set(losses) == {"g_margin", "g_disagreement", "g_agreement", "g_bns", "kl", "rfd"}
     assert float(losses["rfd"].detach()) > 0 and float(losses["kl"].detach()) >= 0

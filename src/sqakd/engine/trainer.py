@@ -216,11 +216,12 @@ class Trainer:
 
     def _enter_phase(self, phase: Phase) -> None:
         """Train/eval modes for the phase: the student and the method train; a trainable teacher
-        trains only in phases that train its group."""
+        trains only in phases that train its group; then the method's own ``enter_phase``."""
         self.model.train()
         self.method.train()
         if self.method.needs.teacher == "trainable" and self.teacher is not None:
             self.teacher.train(self._trains(phase, TEACHER_GROUP))
+        self.method.enter_phase(Models(self.student, self.teacher), phase)
         first_epoch = sum(p.epochs for p in self.phases[: self.phases.index(phase)])
         if len(self.phases) > 1 and self.epoch == first_epoch and self.batch_in_epoch == 0:
             trained = ", ".join(g for g in self.groups if self._trains(phase, g))

@@ -239,8 +239,10 @@ class AKT(Method):
             yield images
 
     # ------------------------------------------------------------------------ the step
+    def enter_phase(self, models: Models, phase: Phase) -> None:
+        self.prepare_student(models.student, phase)
+
     def training_step(self, models: Models, batch: Batch, step: Step) -> dict[str, Tensor]:
-        self.prepare_student(models.student, step.phase)
         images, labels = self.generator.generate(batch.size)
         teacher_logits = models.teacher(images)  # the BNS hooks and the teacher taps fire
         teacher_maps = (

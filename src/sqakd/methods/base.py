@@ -172,6 +172,12 @@ class Method(nn.Module):
         """The run's phases; their epochs must add up to ``epochs``."""
         return [Phase("train", epochs)]
 
+    def enter_phase(self, models: Models, phase: Phase) -> None:
+        """Called at the start of every epoch (also a resumed one), after the trainer has put
+        the student and the method in train mode and a trainable teacher in the mode its phase
+        asks for: set any other mode the phase needs (e.g. the student's batch norms in eval
+        mode, activation ranges frozen after a warm-up). ``models`` holds the plain modules."""
+
     def calibration_images(self, batches: Iterable[Batch]) -> Iterator[Tensor]:
         """Images to initialise the student's quantizers with (data-free methods: generate)."""
         for batch in batches:
