@@ -1,7 +1,7 @@
 """How a run is organised: each method is a short recipe registered by name (see base.py for the
 contract: needs, options, parameter groups, phases and the step)."""
 
-from . import faqd, qkd, sqakd  # noqa: F401  (registers faqd, qkd; sqakd, qat, supervised)
+from . import faqd, feature_kd, qkd, sqakd  # noqa: F401  (faqd, feature_kd, qkd; sqakd, qat, supervised)
 from .base import (
     TEACHER_GROUP,
     Batch,

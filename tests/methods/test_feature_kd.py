@@ -1,0 +1,163 @@
+"""feature_kd: the zoo's losses on the ResNet-20's taps, with labels (CE + the feature loss) or
+label-free (KL + the feature loss); option errors; a short run lowers the loss and trains the
+loss's own modules in the adapters group, never the teacher."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sqakd.config import TrainConfig, load_config
+from sqakd.distill import kd_kl_divergence
+from sqakd.distill.attention import attention_transfer_loss
+from sqakd.engine import RunLog, Trainer, teacher_for
+from sqakd.methods import Batch, DataShapes, Models, Phase, build_method
+from sqakd.models import build_model
+from sqakd.quant import QuantPolicy, calibrate, prepare
+
+SHAPES = DataShapes((3, 16, 16), 10, train_size=24, model_name="resnet20")
+
+
+def networks(seed: int = 0) -> tuple[nn.Module, nn.Module]:
+    torch.manual_seed(seed)
+    teacher = build_model("resnet20", num_classes=10)
+    teacher.train()
+    with torch.no_grad():  # real batch-norm statistics
+        teacher(torch.randn(32, 3, 16, 16))
+    student = prepare(copy.deepcopy(teacher), QuantPolicy(method="lsq", weight_bits=4, act_bits=4))
+    return student.train(), teacher_for("features", teacher)
+
+
+def feature_kd(*settings: str, student=None, teacher=None, shapes=SHAPES):
+    method = build_method(load_config(None, ["method.name=feature_kd", *settings]).method)
+    if student is None:
+        student, teacher = networks()
+    method.setup(Models(student, teacher), shapes)
+    return method, student, teacher
+
+
+def data(count: int = 3, size: int = 8):
+    generator = torch.Generator().manual_seed(4)
+    return [
+        (torch.randn(size, 3, 16, 16, generator=generator),
+         torch.randint(0, 10, (size,), generator=generator),
+         torch.arange(i * size, (i + 1) * size))
+        for i in range(count)
+    ]  # fmt: skip
+
+
+def test_options_name_the_registered_losses_and_the_released_weights():
+    with pytest.raises(ValueError, match="unknown feature loss 'atx'; choose one of: at, cc"):
+        load_config(None, ["method.name=feature_kd", "method.loss=atx"])
+    with pytest.raises(ValueError, match="set exactly one of method.loss"):
+        load_config(None, ["method.name=feature_kd"])
+    with pytest.raises(ValueError, match="loss_weight goes with method.loss"):
+        load_config(
+            None, ["method.name=feature_kd", "method.losses={at: 1}", "method.loss_weight=2"]
+        )
+    with pytest.raises(ValueError, match="'rkd' has no option 'angle'"):
+        load_config(None, ["method.name=feature_kd", "method.loss=rkd",
+                           "method.loss_options={rkd: {angle: 2}}"])  # fmt: skip
+    method = build_method(load_config(None, ["method.name=feature_kd", "method.loss=at"]).method)
+    assert method.weights == {"at": 1000.0} and method.label == "feature KD"
+    assert method.needs.labels and method.needs.teacher == "features"
+    several = build_method(
+        load_config(
+            None,
+            ["method.name=feature_kd", "method.losses={sp: null, kd: 0.5}", "method.labels=false"],
+        ).method  # fmt: skip
+    )
+    assert several.weights == {"sp": 3000.0, "kd": 0.5} and not several.needs.labels
+
+
+@pytest.mark.parametrize("labels", [True, False])
+def test_losses_are_ce_or_kl_plus_the_weighted_feature_loss(labels):
+    method, student, teacher = feature_kd("method.loss=at", f"method.labels={labels}")
+    images, targets, _ = data(1)[0]
+    calibrate(student, [images])
+    losses = method.losses(
+        Models(student, teacher), Batch(images, targets, size=8), Phase("train", 1)
+    )
+    with torch.no_grad():
+        logits, teacher_logits = student(images), teacher(images)
+        s_maps, t_maps = [], []
+        for model, maps in ((student, s_maps), (teacher, t_maps)):
+            out = F.relu(model.bn1(model.conv1(images)))
+            for stage in (model.layer1, model.layer2, model.layer3):
+                out = stage(out)
+                maps.append(out)
+        expected_at = 1000 * sum(attention_transfer_loss(s, t) for s, t in zip(s_maps, t_maps))
+    if labels:
+        assert set(losses) == {"ce", "at"}
+        torch.testing.assert_close(losses["ce"].detach(), F.cross_entropy(logits, targets))
+    else:
+        assert set(losses) == {"kd", "at"}
+        torch.testing.assert_close(losses["kd"].detach(), kd_kl_divergence(logits, teacher_logits))
+    torch.testing.assert_close(losses["at"].detach(), expected_at)
+
+
+@pytest.mark.parametrize(
+    ("loss", "keys"),
+    [("at", ["layer1", "layer2", "layer3"]), ("nst", ["layer1", "layer2", "layer3"]),
+     ("sp", ["layer3"]), ("rkd", ["fc:input"]), ("cc", ["fc:input"]), ("fitnet", ["layer2"]),
+     ("vid", ["layer1", "layer2", "layer3"]), ("kd", ["logits"])],
+)  # fmt: skip
+def test_each_loss_reads_its_released_taps_and_gradients_skip_the_teacher(loss, keys):
+    method, student, teacher = feature_kd(f"method.loss={loss}")
+    assert method.keys[loss] == keys
+    images, targets, _ = data(1)[0]
+    calibrate(student, [images])
+    losses = method.losses(
+        Models(student, teacher), Batch(images, targets, size=8), Phase("train", 1)
+    )
+    assert float(losses[loss].detach()) != 0
+    losses[loss].backward()
+    assert student.layer1[0].conv1.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in teacher.parameters())
+    assert all(p.grad is not None for p in method.parameters())
+
+
+def test_the_embedding_of_a_user_model_and_bad_taps():
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(4, 10))  # fmt: skip
+    student = prepare(copy.deepcopy(base), QuantPolicy(method="lsq", weight_bits=4, act_bits=4))
+    shapes = DataShapes((3, 8, 8), 10, model_name="mine.py:net")
+    method, _, _ = feature_kd("method.loss=rkd", student=student, teacher=teacher_for("features", base),
+                              shapes=shapes)  # fmt: skip
+    assert method.keys["rkd"] == ["4:input"]
+    with pytest.raises(ValueError, match="no layer 'layr2'.*did you mean 'layer2'") as error:
+        feature_kd("method.loss=at", "method.layers=[layer1, layr2]")
+    assert "\n" not in str(error.value)
+    with pytest.raises(ValueError, match="name the modules to tap"):
+        feature_kd("method.loss=at", student=student, teacher=teacher_for("features", base),
+                   shapes=shapes)  # fmt: skip
+
+
+def trainer(tmp_path, method, student, teacher, batches, epochs=2, every=None) -> Trainer:
+    return Trainer(student, teacher, method, batches,
+                   TrainConfig(epochs=epochs, checkpoint_every_steps=every,
+                               weights={"name": "sgd", "lr": 0.02}),
+                   torch.device("cpu"), RunLog(tmp_path, enabled=False),
+                   checkpoint_dir=tmp_path / "checkpoints", progress=False)  # fmt: skip
+
+
+def test_a_short_run_lowers_the_loss_and_trains_the_adapters_not_the_teacher(tmp_path):
+    method, student, teacher = feature_kd("method.loss=fitnet", "method.labels=false")
+    batches = data()
+    calibrate(student, [batches[0][0]])
+    teacher_before = copy.deepcopy(teacher.state_dict())
+    adapters_before = copy.deepcopy(method.feature_losses.state_dict())
+    run = trainer(tmp_path, method, student, teacher, batches, epochs=4)
+    assert {id(p) for g in run.optimizers["adapters"].param_groups for p in g["params"]} == {
+        id(p) for p in method.parameters()
+    }
+    history = run.fit().history
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    after = method.feature_losses.state_dict()
+    assert any(not torch.equal(v, after[k]) for k, v in adapters_before.items())
+    assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in teacher_before.items())
