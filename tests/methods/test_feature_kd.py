@@ -14,7 +14,7 @@ from torch import nn
 from sqakd.config import TrainConfig, load_config
 from sqakd.distill import kd_kl_divergence
 from sqakd.distill.attention import attention_transfer_loss
-from sqakd.engine import RunLog, Trainer, teacher_for
+from sqakd.engine import RunLog, Trainer, safe_torch_load, teacher_for
 from sqakd.methods import Batch, DataShapes, Models, Phase, build_method
 from sqakd.models import build_model
 from sqakd.quant import QuantPolicy, calibrate, prepare
@@ -161,3 +161,64 @@ def test_a_short_run_lowers_the_loss_and_trains_the_adapters_not_the_teacher(tmp
     after = method.feature_losses.state_dict()
     assert any(not torch.equal(v, after[k]) for k, v in adapters_before.items())
     assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in teacher_before.items())
+
+
+# --------------------------------------------------------------------------------------- CRD
+def tiny(seed: int = 0) -> tuple[nn.Module, nn.Module]:
+    torch.manual_seed(seed)
+    base = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))  # fmt: skip
+    student = prepare(copy.deepcopy(base), QuantPolicy(method="lsq", weight_bits=4, act_bits=4))
+    return student.train(), teacher_for("features", base)
+
+
+TINY = DataShapes((3, 16, 16), 10, train_size=24, model_name="mine.py:net")
+
+
+def test_crd_needs_indices_and_labels_only_when_class_aware():
+    method = build_method(load_config(None, ["method.name=feature_kd", "method.loss=crd"]).method)
+    assert method.needs.sample_index and method.needs.labels
+    free = build_method(
+        load_config(
+            None, ["method.name=feature_kd", "method.loss=crd", "method.labels=false"]
+        ).method
+    )
+    assert free.needs.sample_index and not free.needs.labels
+    with pytest.raises(ValueError, match="reads labels.*crd.sampler: instance") as error:
+        load_config(None, ["method.name=feature_kd", "method.loss=crd", "method.labels=false",
+                           "method.loss_options={crd: {sampler: class}}"])  # fmt: skip
+    assert "\n" not in str(error.value)
+
+
+def test_a_resumed_crd_run_is_bit_identical_with_its_memory_bank_restored(tmp_path):
+    def fresh(folder, every=None):
+        student, teacher = tiny()
+        method, _, _ = feature_kd("method.loss=crd", "method.loss_options={crd: {negatives: 64}}",
+                                  student=student, teacher=teacher, shapes=TINY)  # fmt: skip
+        batches = data()
+        calibrate(student, [batches[0][0]])
+        return trainer(folder, method, student, teacher, batches, every=every), method, student
+
+    full, full_method, full_student = fresh(tmp_path / "full")
+    full.fit()
+    crd = full_method.feature_losses["crd"]
+    assert int(crd.draws) == 6 and (crd.row_labels >= 0).all()
+    cut, _, _ = fresh(tmp_path / "cut", every=2)
+    original = cut.train_step
+
+    def stop(batch):
+        if cut.step == 4:
+            raise KeyboardInterrupt
+        return original(batch)
+
+    cut.train_step = stop
+    with pytest.raises(KeyboardInterrupt):
+        cut.fit()
+    state = safe_torch_load(tmp_path / "cut" / "checkpoints" / "last.pt")
+    assert "feature_losses.crd.memory_student" in state["method"]
+    resumed, method, student = fresh(tmp_path / "resumed")
+    resumed.resume(tmp_path / "cut" / "checkpoints" / "last.pt")
+    resumed.fit()
+    for mine, theirs in ((student, full_student), (method, full_method)):
+        for key, value in theirs.state_dict().items():
+            assert torch.equal(mine.state_dict()[key], value), key
