@@ -23,7 +23,25 @@ RELEASED = {
     "fitnet": (100.0, "middle"),
     "vid": (1.0, "stages"),
     "kd": (1.0, "logits"),
+    "crd": (0.8, "embedding"),
+    "fsp": (50.0, "chain"),
+    "ft": (200.0, "last"),
 }
+
+
+def test_two_stage_losses_declare_their_pre_stage_and_crd_its_needs():
+    fsp, ft, crd = (feature_loss_class(name) for name in ("fsp", "ft", "crd"))
+    assert (fsp.pre_epochs, fsp.pre_trains, fsp.main_stage) == (30, "student", False)
+    assert (ft.pre_epochs, ft.pre_trains, ft.main_stage, ft.pre_group) == (
+        30,
+        "own",
+        True,
+        "paraphraser",
+    )
+    assert crd.needs_index and crd.needs_labels(True) and not crd.needs_labels(False)
+    assert not crd.needs_labels(True, sampler="instance") and crd.needs_labels(
+        False, sampler="class"
+    )
 
 
 @pytest.mark.parametrize("name", sorted(RELEASED))

@@ -222,3 +222,75 @@ def test_a_resumed_crd_run_is_bit_identical_with_its_memory_bank_restored(tmp_pa
     for mine, theirs in ((student, full_student), (method, full_method)):
         for key, value in theirs.state_dict().items():
             assert torch.equal(mine.state_dict()[key], value), key
+
+
+# ------------------------------------------------------------------------ FSP and FT stages
+def two_stages(seed: int = 0) -> tuple[nn.Module, nn.Module]:
+    torch.manual_seed(seed)
+    base = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))  # fmt: skip
+    student = prepare(copy.deepcopy(base), QuantPolicy(method="lsq", weight_bits=4, act_bits=4))
+    return student.train(), teacher_for("features", base)
+
+
+def staged(*settings):
+    student, teacher = two_stages()
+    return feature_kd("method.layers=['2', '5']", *settings, student=student, teacher=teacher,
+                      shapes=TINY)  # fmt: skip
+
+
+def test_fsp_acts_only_in_its_pre_stage_and_the_plan_must_fit():
+    method, student, teacher = staged("method.loss=fsp")
+    assert method.keys["fsp"] == ["2:input", "2", "5"]
+    assert method.phases(40) == [Phase("pre", 30, ("weights", "quantizers")), Phase("train", 10)]
+    with pytest.raises(
+        ValueError, match="'fsp' first runs a 30-epoch pre-stage but train.epochs is 30"
+    ) as e:
+        method.phases(30)
+    assert "\n" not in str(e.value)
+    images, targets, index = data(1)[0]
+    calibrate(student, [images])
+    batch = Batch(images, targets, index, 8)
+    models = Models(student, teacher)
+    pre = method.losses(models, batch, Phase("pre", 30))
+    assert set(pre) == {"fsp"} and float(pre["fsp"].detach()) > 0
+    assert set(method.losses(models, batch, Phase("train", 10))) == {"ce"}
+    free, student, teacher = staged("method.loss=fsp", "method.labels=false")
+    assert set(free.losses(Models(student, teacher), batch, Phase("train", 10))) == {"kd"}
+
+
+def test_ft_trains_its_paraphraser_in_the_pre_stage_then_freezes_it(tmp_path):
+    method, student, teacher = staged("method.loss=ft", "method.loss_options={ft: {pre_epochs: 1}}")
+    assert method.phases(3) == [Phase("pre", 1, ("paraphraser",)),
+                                Phase("train", 2, ("weights", "quantizers", "adapters"))]  # fmt: skip
+    batches = data()
+    calibrate(student, [batches[0][0]])
+    ft = method.feature_losses["ft"]
+    states = []
+
+    def remember(epoch, model, loss, batches):
+        states.append((copy.deepcopy(ft.paraphrasers.state_dict()),
+                       copy.deepcopy(ft.translators.state_dict()), copy.deepcopy(model.state_dict())))  # fmt: skip
+
+    run = Trainer(student, teacher, method, batches, TrainConfig(epochs=3),
+                  torch.device("cpu"), RunLog(tmp_path, enabled=False), progress=False,
+                  epoch_hooks=[remember])  # fmt: skip
+    settings = run.optimizers["paraphraser"].defaults
+    assert isinstance(run.optimizers["paraphraser"], torch.optim.SGD) and settings["lr"] == 0.01
+    assert {id(p) for g in run.optimizers["adapters"].param_groups for p in g["params"]} == {
+        id(p) for p in ft.translators.parameters()
+    }
+    history = run.fit().history
+    assert [row["phase"] for row in history] == ["pre", "train", "train"]
+    assert "train_ft_pre" in history[0] and "train_ft" in history[1] and "train_ce" in history[1]
+    final = (ft.paraphrasers.state_dict(), ft.translators.state_dict(), student.state_dict())
+
+    def same(a, b):
+        return all(torch.equal(v, b[k]) for k, v in a.items())
+
+    (p0, t0, s0), (p1, t1, s1), (p2, t2, s2) = states
+    assert not same(p0, p1) and same(p1, p2) and same(p1, final[0])  # frozen after the pre-stage
+    assert same(t0, t1) and not same(t1, final[1])  # the translator trains only afterwards
+    weights = {k: v for k, v in s0.items() if "weight" in k}
+    assert same(weights, s1) and not same(s1, final[2])  # the student waits for the main stage

@@ -7,7 +7,7 @@ distillation zoo (AT, NST, SP, RKD, CC, FitNet, VID, CRD, FSP, FT, KD) has its o
 logit-loss option (SQAKD's ``extra_loss``) never gets a feature loss.
 """
 
-from . import attention, contrastive, hints, nst, relational, vid  # noqa: F401  (feature losses)
+from . import attention, contrastive, factor, fsp, hints, nst, relational, vid  # noqa: F401
 from .adapters import FeatureAdapters
 from .affinity import (
     FastFeatureAffinity,
