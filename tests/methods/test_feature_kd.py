@@ -53,8 +53,9 @@ def data(count: int = 3, size: int = 8):
 def test_options_name_the_registered_losses_and_the_released_weights():
     with pytest.raises(ValueError, match="unknown feature loss 'atx'; choose one of: at, cc"):
         load_config(None, ["method.name=feature_kd", "method.loss=atx"])
-    with pytest.raises(ValueError, match="set exactly one of method.loss"):
-        load_config(None, ["method.name=feature_kd"])
+    assert build_method(load_config(None, ["method.name=feature_kd"]).method).weights == {
+        "at": 1000
+    }
     with pytest.raises(ValueError, match="loss_weight goes with method.loss"):
         load_config(
             None, ["method.name=feature_kd", "method.losses={at: 1}", "method.loss_weight=2"]

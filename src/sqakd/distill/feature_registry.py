@@ -64,7 +64,8 @@ class FeatureLoss(nn.Module):
     #: the recipe's optimizer section) when the recipe does not configure the group
     pre_group: ClassVar[str] = "pre_stage"
     pre_optimizer: ClassVar[dict[str, Any]] = {}
-    #: the options a recipe may set (``method.loss_options.<name>``), keywords of :meth:`build`
+    #: the options a recipe may set (``method.loss_options.<name>``), keywords of :meth:`build`;
+    #: a two-stage loss also takes ``pre_epochs`` (read by the method, not passed to ``build``)
     option_names: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
@@ -152,7 +153,8 @@ def build_feature_loss(
 
 def check_options(name: str, options: Mapping[str, Any]) -> None:
     """One-line error for an option the feature loss ``name`` does not take."""
-    known = feature_loss_class(name).option_names
+    cls = feature_loss_class(name)
+    known = (*cls.option_names, *(("pre_epochs",) if cls.pre_epochs else ()))
     unknown = [key for key in options if key not in known]
     if unknown:
         raise ValueError(

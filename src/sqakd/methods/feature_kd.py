@@ -5,8 +5,8 @@ loss = CE(student, labels)                      (labels: true, the Table-7 setti
      | T**2 KL(teacher || student)              (labels: false: SQAKD's KL at T = 4 instead of CE)
      + sum over the chosen losses of weight * feature_loss(student features, teacher features)
 
-- losses: ``method.loss`` (one registered feature loss, its released weight unless
-  ``method.loss_weight``) or ``method.losses: {at: 1000, kd: 1}`` (a weight of ``null`` means
+- losses: ``method.loss`` (one registered feature loss, default ``at``, its released weight
+  unless ``method.loss_weight``) or ``method.losses: {at: 1000, kd: 1}`` (which replaces ``loss``) (a weight of ``null`` means
   the released one); ``kd`` is the logit KL (T = ``method.temperature``), so with labels
   ``losses: {kd: 1}`` is "KD with labels", and label-free runs add no second KL when it is listed;
 - taps: each loss reads what the released code feeds it (``reads`` in the feature-loss registry):
@@ -60,7 +60,7 @@ class FeatureKDOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    loss: str | None = None
+    loss: str = "at"  # the first row of Table 7; method.losses replaces it
     loss_weight: float | None = Field(None, ge=0)
     losses: dict[str, float | None] | None = None
     labels: bool = True
@@ -72,12 +72,7 @@ class FeatureKDOptions(BaseModel):
     @model_validator(mode="after")
     def _check(self) -> FeatureKDOptions:
         registered = ", ".join(available_feature_losses())
-        if (self.loss is None) == (self.losses is None):
-            raise ValueError(
-                "set exactly one of method.loss (a feature loss) and method.losses "
-                f"({{name: weight}}); the feature losses are: {registered}"
-            )
-        if self.loss_weight is not None and self.loss is None:
+        if self.loss_weight is not None and self.losses is not None:
             raise ValueError("method.loss_weight goes with method.loss; with method.losses give "
                              "each loss its weight")  # fmt: skip
         if self.losses is not None and not self.losses:
@@ -91,11 +86,8 @@ class FeatureKDOptions(BaseModel):
                     f"method.loss_options.{name} is for a loss this run does not use "
                     f"({', '.join(self.weights())})"
                 )
-            cls = feature_loss_class(name)
-            check_options(name, {k: v for k, v in options.items() if k != PRE_EPOCHS})
+            check_options(name, options)
             if PRE_EPOCHS in options:
-                if not cls.pre_epochs:
-                    raise ValueError(f"feature loss {name!r} has no pre-stage ({PRE_EPOCHS})")
                 if not isinstance(options[PRE_EPOCHS], int) or options[PRE_EPOCHS] < 1:
                     raise ValueError(f"method.loss_options.{name}.{PRE_EPOCHS} must be >= 1")
         staged = [name for name in self.weights() if feature_loss_class(name).pre_epochs]
@@ -113,10 +105,10 @@ class FeatureKDOptions(BaseModel):
 
     def weights(self) -> dict[str, float]:
         """``{loss name: weight}``, the released weight where none is given."""
-        if self.loss is not None:
+        if self.losses is None:
             chosen: dict[str, float | None] = {self.loss: self.loss_weight}
         else:
-            chosen = dict(self.losses or {})
+            chosen = dict(self.losses)
         return {
             name: (weight if weight is not None else feature_loss_class(name).weight)
             if name in available_feature_losses()
@@ -225,7 +217,9 @@ class FeatureKD(Method):
             if outputs:
                 self._taps[role].append(FeatureTaps(model, outputs))
             if inputs:
-                self._taps[role].append(FeatureTaps(model, sorted(inputs), capture="input"))
+                # cloned: a stage may begin with an in-place op on its input (small_cnn's ReLU)
+                taps = FeatureTaps(model, sorted(inputs), capture="input", clone=True)
+                self._taps[role].append(taps)
         with torch.no_grad():  # feature shapes, from the teacher (the student is not calibrated)
             logits = models.teacher(probe)
             probed = {
