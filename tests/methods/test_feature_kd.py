@@ -22,12 +22,18 @@ from sqakd.quant import QuantPolicy, calibrate, prepare
 SHAPES = DataShapes((3, 16, 16), 10, train_size=24, model_name="resnet20")
 
 
-def networks(seed: int = 0) -> tuple[nn.Module, nn.Module]:
-    torch.manual_seed(seed)
-    teacher = build_model("resnet20", num_classes=10)
-    teacher.train()
-    with torch.no_grad():  # real batch-norm statistics
-        teacher(torch.randn(32, 3, 16, 16))
+_TEACHER: list[nn.Module] = []
+
+
+def networks() -> tuple[nn.Module, nn.Module]:
+    """A ResNet-20 teacher with real batch-norm statistics (built once) and its LSQ student."""
+    if not _TEACHER:
+        torch.manual_seed(0)
+        model = build_model("resnet20", num_classes=10).train()
+        with torch.no_grad():
+            model(torch.randn(32, 3, 16, 16))
+        _TEACHER.append(model)
+    teacher = copy.deepcopy(_TEACHER[0])
     student = prepare(copy.deepcopy(teacher), QuantPolicy(method="lsq", weight_bits=4, act_bits=4))
     return student.train(), teacher_for("features", teacher)
 
@@ -108,9 +114,10 @@ def test_losses_are_ce_or_kl_plus_the_weighted_feature_loss(labels):
      ("vid", ["layer1", "layer2", "layer3"]), ("kd", ["logits"])],
 )  # fmt: skip
 def test_each_loss_reads_its_released_taps_and_gradients_skip_the_teacher(loss, keys):
-    method, student, teacher = feature_kd(f"method.loss={loss}")
+    small = DataShapes((3, 8, 8), 10, train_size=24, model_name="resnet20")
+    method, student, teacher = feature_kd(f"method.loss={loss}", shapes=small)
     assert method.keys[loss] == keys
-    images, targets, _ = data(1)[0]
+    images, targets = torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 3])
     calibrate(student, [images])
     losses = method.losses(
         Models(student, teacher), Batch(images, targets, size=8), Phase("train", 1)
@@ -148,7 +155,8 @@ def trainer(tmp_path, method, student, teacher, batches, epochs=2, every=None) -
 
 
 def test_a_short_run_lowers_the_loss_and_trains_the_adapters_not_the_teacher(tmp_path):
-    method, student, teacher = feature_kd("method.loss=fitnet", "method.labels=false")
+    method, student, teacher = staged("method.loss=fitnet", "method.labels=false")
+    assert method.keys["fitnet"] == ["5"]  # the middle of the two named layers
     batches = data()
     calibrate(student, [batches[0][0]])
     teacher_before = copy.deepcopy(teacher.state_dict())
