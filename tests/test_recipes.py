@@ -34,9 +34,19 @@ COMPARISON_CELLS = {
     "cifar10_resnet20_qkd": ({"lsq"}, {2, 3, 4}, {"qat", "sqakd", "qkd"}),
     "cifar10_resnet20_faqd": ({"ewgs"}, {2, 4}, {"qat", "sqakd", "faqd"}),
     "cifar10_resnet20_akt": ({"minmax"}, {3, 4, 5}, {"ptq_generated", "gdfq", "adadfq", "akt"}),
+    "cifar10_resnet20_kdzoo": ({"ewgs"}, {2}, {"qat", "sqakd", "feature_kd"}),
 }
 #: data-free methods: no training image, 200 generated batches per epoch (released)
 ZERO_SHOT = {"ptq_generated", "gdfq", "adadfq", "akt"}
+#: the SQAKD Table-7 zoo: every loss of the released scripts, with labels and label-free
+KD_ZOO = {"at", "nst", "sp", "rkd", "crd", "fitnet", "cc", "vid", "fsp", "ft"}
+
+
+def test_the_kd_zoo_lists_every_loss_with_and_without_labels() -> None:
+    family = load_family(CONFIGS / "cifar10_resnet20_kdzoo.yaml")
+    variants = {cell.name.removeprefix("ewgs_w2a2_feature_kd_") for cell in family.cells
+                if cell.method == "feature_kd"}  # fmt: skip
+    assert variants == KD_ZOO | {f"{loss}-free" for loss in KD_ZOO} | {"kd"}
 
 
 def test_every_paper_family_has_a_recipe() -> None:
@@ -80,6 +90,13 @@ def test_every_cell_is_a_valid_configuration_at_the_papers_budget(family, tmp_pa
             )
             expected = {"": ("fa", 0.1), "_ffa": ("ffa", 0.1), "_logit-only": ("fa", 0.0)}[variant]
             assert (options["affinity"], options["affinity_weight"]) == expected
+        elif cell.method == "feature_kd":  # one loss per variant, at its released weight
+            variant = cell.name.removeprefix(
+                f"{cell.quantizer}_w{cell.weight_bits}a{cell.act_bits}_feature_kd_"
+            )
+            loss, _, free = variant.partition("-")
+            assert options["loss"] == loss and options.get("loss_weight") is None
+            assert options["labels"] is (free != "free") and options["temperature"] == 4.0
         elif cell.method == "qkd":
             assert options["temperature"] == 2.0 and options["labels"] is True
             assert (options["self_study_epochs"], options["co_study_epochs"]) == (0.15, 0.5)

@@ -53,3 +53,26 @@ def matching_taps(
             "build it with the taps you feed it"
         )
     return list(student_features)
+
+
+def pool_to_common(student_map: Tensor, teacher_map: Tensor) -> tuple[Tensor, Tensor]:
+    """Both maps at the smaller of their two spatial sizes: the larger one is adaptive-average
+    pooled (as the released zoo does when the heights differ)."""
+    import torch.nn.functional as F
+
+    s_size, t_size = tuple(student_map.shape[-2:]), tuple(teacher_map.shape[-2:])
+    if s_size == t_size:
+        return student_map, teacher_map
+    if s_size[0] > t_size[0]:
+        return F.adaptive_avg_pool2d(student_map, t_size), teacher_map
+    return student_map, F.adaptive_avg_pool2d(teacher_map, s_size)
+
+
+def check_maps(loss: str, student_map: Tensor, teacher_map: Tensor, dims: int = 4) -> None:
+    """One line when a pair of tapped tensors cannot be compared (rank or batch size)."""
+    s, t = tuple(student_map.shape), tuple(teacher_map.shape)
+    if student_map.dim() != dims or teacher_map.dim() != dims:
+        kind = "[B, C, H, W] maps" if dims == 4 else "[B, D] embeddings"
+        raise ValueError(f"{loss} compares {kind}; got student {s} and teacher {t}")
+    if s[0] != t[0]:
+        raise ValueError(f"{loss}: student {s} and teacher {t} differ in batch size")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .feature_registry import BuildContext, FeatureLoss, register_feature_loss
 from .registry import register_loss
 
 
@@ -40,3 +41,27 @@ class LogitMSE(nn.Module):
 
     def forward(self, student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
         return F.mse_loss(student_logits, teacher_logits.detach())
+
+
+@register_feature_loss("kd")
+class KDFeatureLoss(FeatureLoss):
+    """:func:`kd_kl_divergence` on the key ``"logits"``, in the feature-loss zoo so that a
+    recipe can combine it with a feature loss (``losses: {at: 1000, kd: 1}``). The temperature
+    is the run's (``BuildContext.temperature``, SQAKD's T = 4 by default); weight 1."""
+
+    weight = 1.0
+    reads = "logits"
+    option_names = ("temperature",)
+
+    def __init__(self, temperature: float = 4.0) -> None:
+        super().__init__()
+        self.temperature = temperature
+
+    @classmethod
+    def build(cls, student_shapes, teacher_shapes, context: BuildContext, **options):
+        return cls(**{"temperature": context.temperature, **options})
+
+    def forward(self, student_features, teacher_features, *, index=None, labels=None) -> Tensor:
+        return kd_kl_divergence(
+            student_features["logits"], teacher_features["logits"], self.temperature
+        )

@@ -1,7 +1,7 @@
 """How a run is organised: each method is a short recipe registered by name (see base.py for the
 contract: needs, options, parameter groups, phases and the step)."""
 
-from . import akt, faqd, qkd, sqakd  # noqa: F401  (registers akt, adadfq, gdfq; faqd, qkd; sqakd, qat, supervised)
+from . import akt, faqd, feature_kd, qkd, sqakd  # noqa: F401  (each module registers its methods)
 from .base import (
     TEACHER_GROUP,
     Batch,
