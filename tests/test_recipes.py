@@ -35,6 +35,7 @@ COMPARISON_CELLS = {
     "cifar10_resnet20_faqd": ({"ewgs"}, {2, 4}, {"qat", "sqakd", "faqd"}),
     "cifar10_resnet20_akt": ({"minmax"}, {3, 4, 5}, {"ptq_generated", "gdfq", "adadfq", "akt"}),
     "cifar10_resnet20_kdzoo": ({"ewgs"}, {2}, {"qat", "sqakd", "feature_kd"}),
+    "cifar10_resnet110_resnet20_faqd": ({"binary", "ternary", "faqd4"}, {1, 2, 4}, {"faqd"}),
 }
 #: data-free methods: no training image, 200 generated batches per epoch (released)
 ZERO_SHOT = {"ptq_generated", "gdfq", "adadfq", "akt"}

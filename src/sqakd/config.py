@@ -95,6 +95,18 @@ class ModelConfig(Section):
     kwargs: dict[str, Any] = {}
 
 
+class StudentConfig(Section):
+    """The student's architecture when it is not the teacher's, trained from random initialisation.
+
+    ``name: null`` (default): the student is a prepared copy of the teacher (``model.name``) and
+    starts from its weights. A registered name or ``package.module:function`` (FAQD's released
+    setting: a ResNet-110 teacher, a ResNet-20 student) builds that network with ``kwargs`` and
+    ``model.num_classes``/``in_channels``, initialised from ``run.seed``."""
+
+    name: str | None = None
+    kwargs: dict[str, Any] = {}
+
+
 class TeacherConfig(Section):
     """The full-precision teacher's weights; ``cache_outputs``: compute its logits once per
     training image and look them up every epoch (``None``: when data.augment is off)."""
@@ -212,6 +224,7 @@ class Config(Section):
     run: RunConfig = RunConfig()
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
+    student: StudentConfig = StudentConfig()
     teacher: TeacherConfig = TeacherConfig()
     quant: QuantPolicy = QuantPolicy()
     method: MethodConfig = MethodConfig()

@@ -22,7 +22,7 @@ from torch import nn
 
 from . import data as datasets
 from . import models
-from .config import Config, DataConfig, MethodConfig, dump_config
+from .config import Config, DataConfig, MethodConfig, StudentConfig, dump_config
 from .engine import (
     FitResult,
     RunLog,
@@ -223,7 +223,9 @@ def make_loaders(
 
 
 # --------------------------------------------------------------------------------------- models
-def build_network(config: Config, bundle: DataBundle) -> nn.Module:
+def build_network(config: Config, bundle: DataBundle, student: bool = False) -> nn.Module:
+    """The configured architecture (``model``), or with ``student=True`` the student's own when
+    ``student.name`` sets one, for the data's classes and channels."""
     num_classes = config.model.num_classes or bundle.num_classes
     if num_classes is None:
         raise ValueError("the data has no labels to count classes; set model.num_classes")
@@ -237,9 +239,10 @@ def build_network(config: Config, bundle: DataBundle) -> nn.Module:
             "remove model.num_classes or use matching data"
         )
     in_channels = config.model.in_channels or bundle.in_channels
-    return models.build_model(
-        config.model.name, num_classes=num_classes, in_channels=in_channels, **config.model.kwargs
-    )
+    name, kwargs = config.model.name, config.model.kwargs
+    if student and config.student.name is not None:
+        name, kwargs = config.student.name, config.student.kwargs
+    return models.build_model(name, num_classes=num_classes, in_channels=in_channels, **kwargs)
 
 
 def load_teacher(config: Config, bundle: DataBundle, device: torch.device) -> nn.Module:
@@ -286,7 +289,8 @@ def _setup(config: Config, device: str | None = None) -> torch.device:
 # ------------------------------------------------------------------------------------- the jobs
 def train_teacher(config: Config, resume: bool = False) -> RunResult:
     """Train a full-precision model with labels (``sqakd train``)."""
-    config = config.model_copy(update={"method": MethodConfig(name="supervised")})
+    update = {"method": MethodConfig(name="supervised"), "student": StudentConfig()}
+    config = config.model_copy(update=update)  # the teacher's own architecture
     return run(config, resume=resume)
 
 
@@ -450,6 +454,7 @@ def data_shapes(config: Config, bundle: DataBundle, needs: Needs) -> DataShapes:
         num_classes=int(config.model.num_classes or bundle.num_classes or 0),
         train_size=len(bundle.train) if needs.data == "train" else 0,
         model_name=config.model.name,
+        student_model_name=config.student.name or config.model.name,
     )
 
 
@@ -501,14 +506,14 @@ def build_student(
     teacher: nn.Module | None,
     device: torch.device,
 ) -> nn.Module:
-    """A copy of the teacher (or a fresh network) prepared with the quant policy when the method
-    quantizes."""
-    base = (
-        copy.deepcopy(teacher) if teacher is not None else build_network(config, bundle).to(device)
-    )
-    if teacher is not None:
-        for parameter in base.parameters():
-            parameter.requires_grad_(True)
+    """A copy of the teacher, or a fresh network (no teacher, or ``student.name`` set: the
+    student's own architecture from random initialisation), prepared with the quant policy when
+    the method quantizes."""
+    if teacher is not None and config.student.name is None:
+        base = copy.deepcopy(teacher)
+        base.requires_grad_(True)
+    else:
+        base = build_network(config, bundle, student=True).to(device)
     if not needs.quantized_student:
         return base.train()
     compiled = should_compile_kernels(config.run.compile, device)
@@ -597,7 +602,7 @@ def load_trained_model(
     ``verify``."""
     device = _setup(config)
     bundle = load_data(config.data, config.run.seed, need_train=config.data.mean is None)
-    network = build_network(config, bundle)
+    network = build_network(config, bundle, student=weights is not None)  # else: the teacher
     path = weights or config.teacher.checkpoint
     if path is None:
         raise ValueError(

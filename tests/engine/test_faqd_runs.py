@@ -53,3 +53,26 @@ class _LabelGuard(ImageArray):
 
     def __len__(self) -> int:
         return len(object.__getattribute__(self, "_data"))
+
+
+def test_the_released_setting_a_student_of_its_own_architecture(
+    tmp_path, image_tree, teacher_weights
+):
+    """FAQD's released runs distil a larger teacher into a smaller student from random
+    initialisation: here a width-8 teacher into a width-4 student (adapters 4 -> 8 channels)."""
+    settings = [
+        f"data.root={image_tree}", "data.batch_size=8", "data.eval_batch_size=6",
+        "model.name=small_cnn", "model.kwargs={width: 8}", f"teacher.checkpoint={teacher_weights}",
+        "student.name=small_cnn", "student.kwargs={width: 4}", "method.name=faqd",
+        "train.epochs=1", "run.progress=false", "run.compile=false",
+        f"run.output={tmp_path / 'run'}", "quant.method=lsq",
+    ]  # fmt: skip
+    config = load_config(None, settings)
+    result = pipeline.run(config)
+    assert "top1" in result.last
+    weights = tmp_path / "run" / "model.safetensors"
+    from safetensors.torch import load_file
+
+    assert load_file(str(weights))["conv1.weight"].shape[0] == 4  # the student's own width
+    again = load_config(tmp_path / "run" / "config.yaml")  # eval reads the run folder's config
+    assert pipeline.evaluate_model(again, weights)["top1"] == result.last["top1"]

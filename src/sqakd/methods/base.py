@@ -104,13 +104,21 @@ class Models:
 @dataclass(frozen=True)
 class DataShapes:
     """What a method may size its own modules by: one image's shape (C, H, W), the number of
-    classes, the number of training images (0 for a data-free run) and the model's name (for its
-    registered stage names: ``sqakd.models.resolve_tap_names(spec, model_name)``)."""
+    classes, the number of training images (0 for a data-free run) and the teacher's and the
+    student's model names (for their registered stage names:
+    ``sqakd.models.resolve_tap_names(spec, model_name)``; the same unless ``student.name`` gives
+    the student its own architecture)."""
 
     image_shape: tuple[int, int, int]
     num_classes: int
     train_size: int = 0
     model_name: str = ""
+    student_model_name: str = ""
+
+    @property
+    def student_model(self) -> str:
+        """The student's model name (the teacher's when none is given)."""
+        return self.student_model_name or self.model_name
 
 
 class Step(Protocol):

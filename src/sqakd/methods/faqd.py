@@ -6,8 +6,11 @@ loss = logit_weight * logit_loss(student, teacher)
      + label_weight * CE(student, labels)
 
 - taps: ``method.layers`` (default ``stages``: the model's registered stage outputs, FAQD's
-  ``f1, f2, f3`` for the CIFAR ResNets; a user model names its modules);
-- adapters: FAQD's per-tap 1x1 convolution with bias, then ReLU, on the student's maps only,
+  ``f1, f2, f3`` for the CIFAR ResNets; a user model names its modules); a student of its own
+  architecture (``student.name``, FAQD's released ResNet-110 -> ResNet-20) is tapped at its own
+  stages, paired in order with the teacher's;
+- adapters: FAQD's per-tap 1x1 convolution with bias (student channels -> teacher channels),
+  then ReLU, on the student's maps only,
   trained in their own group (``adapters``; ``train.optimizers.adapters``, else the student's
   weight settings);
 - affinity: ``fa`` (exact, an N x N tensor per image) or ``ffa`` (random projections, cost linear
@@ -30,6 +33,7 @@ quantizer of the library (the released code has its own weight projections; ``bi
 
 from __future__ import annotations
 
+import copy
 from typing import Literal
 
 import torch
@@ -80,16 +84,30 @@ class FAQD(Method):
         cfg = self.options
         if cfg.affinity_weight == 0 and cfg.logit_weight == 0 and cfg.label_weight == 0:
             raise ValueError("method.affinity_weight, logit_weight and label_weight are all 0")
-        self.taps = resolve_tap_names(cfg.layers, shapes.model_name)
         assert models.teacher is not None
-        self.student_taps = FeatureTaps(models.student, self.taps)
-        self.teacher_taps = FeatureTaps(models.teacher, self.taps)
-        with torch.no_grad():  # the maps' shapes, from the teacher (the student is not calibrated)
-            device = next(models.teacher.parameters()).device
-            _, maps = self.teacher_taps(torch.zeros(1, *shapes.image_shape, device=device))
-        channels = {tap: int(maps[tap].shape[1]) for tap in self.taps}
-        self.adapters = FeatureAdapters(channels) if cfg.adapters else None
-        positions = {tap: int(maps[tap].shape[2] * maps[tap].shape[3]) for tap in self.taps}
+        teacher_taps = resolve_tap_names(cfg.layers, shapes.model_name)
+        student_taps = resolve_tap_names(cfg.layers, shapes.student_model)
+        if len(student_taps) != len(teacher_taps):
+            raise ValueError(
+                f"the student has {len(student_taps)} taps ({', '.join(student_taps)}) and the "
+                f"teacher {len(teacher_taps)} ({', '.join(teacher_taps)}); name as many of each"
+            )
+        # the loss pairs the i-th student tap with the i-th teacher tap, under the teacher's name
+        self.taps, self.student_names = teacher_taps, dict(zip(teacher_taps, student_taps))
+        self.student_taps = FeatureTaps(models.student, student_taps)
+        self.teacher_taps = FeatureTaps(models.teacher, teacher_taps)
+        image = torch.zeros(1, *shapes.image_shape, device=next(models.teacher.parameters()).device)
+        with torch.no_grad():
+            _, maps = self.teacher_taps(image)
+            # the student's maps from a throw-away copy: the student itself is not calibrated yet
+            probe = copy.deepcopy(models.student).eval()
+            _, student_maps = FeatureTaps(probe, student_taps)(image)
+        channels = {tap: int(student_maps[self.student_names[tap]].shape[1]) for tap in self.taps}
+        teacher_channels = {tap: int(maps[tap].shape[1]) for tap in self.taps}
+        self.adapters = FeatureAdapters(channels, teacher_channels) if cfg.adapters else None
+        positions = {
+            tap: int(student_maps[self.student_names[tap]][0, 0].numel()) for tap in self.taps
+        }
         self.affinity: nn.Module = (
             FastFeatureAffinity(positions, cfg.projections, cfg.projection_seed, cfg.order)
             if cfg.affinity == "ffa"
@@ -99,7 +117,8 @@ class FAQD(Method):
     def losses(self, models: Models, batch: Batch, phase: Phase) -> dict[str, Tensor]:
         cfg = self.options
         logits = models.student(batch.images)
-        student_maps = self.student_taps.features
+        tapped = self.student_taps.features
+        student_maps = {tap: tapped[name] for tap, name in self.student_names.items()}
         with torch.no_grad():
             teacher_logits, teacher_maps = self.teacher_taps(batch.images)
         losses: dict[str, Tensor] = {}
