@@ -38,6 +38,26 @@ ResumeOption = Annotated[bool, typer.Option("--resume", help="continue the run i
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        typer.echo(f"sqakd {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="print the version and exit"
+        ),
+    ] = False,
+) -> None:
+    """Label-free quantization-aware training by self-supervised knowledge distillation."""
+
+
 def one_line_errors(command: F) -> F:
     """Turn the errors a user can fix into ``error: ...`` on stderr and exit code 2."""
 
@@ -214,6 +234,10 @@ def verify(
         bool, typer.Option(help="also compare each quantized layer alone")
     ] = False,
     limit: Annotated[int | None, typer.Option(help="use only the first N test images")] = None,
+    class_dim: Annotated[
+        int | None,
+        typer.Option(help="the logits' class axis (1; -1 for sequences); default method.class_dim"),
+    ] = None,
 ) -> None:
     """ONNX Runtime against PyTorch on the test images; exits 1 when agreement is too low."""
     from .deploy import ONNX_NAME, verify_run
@@ -222,7 +246,9 @@ def verify(
         if run is None:
             raise ValueError("give --onnx FILE.onnx, or --run RUN_FOLDER holding model.onnx")
         onnx = run / ONNX_NAME
-    report = verify_run(*_run_inputs(run, config, set, weights), onnx, threshold, per_layer, limit)
+    report = verify_run(
+        *_run_inputs(run, config, set, weights), onnx, threshold, per_layer, limit, class_dim
+    )
     typer.echo(str(report))
     if not report.passed:
         raise typer.Exit(1)

@@ -113,6 +113,10 @@ class TeacherConfig(Section):
 
     checkpoint: Path | None = None
     cache_outputs: bool | None = None
+    #: renames checkpoint key prefixes before loading, e.g. ``{"linear.": "fc."}``
+    key_map: dict[str, str] = {}
+    #: ``shapes``: pair keys that do not match by name one to one in order by shape (logged)
+    match: Literal["names", "shapes"] = "names"
 
 
 class OptimizerConfig(Section):
@@ -137,7 +141,7 @@ class TrainConfig(Section):
     other group a method has (a trainable teacher, adapters, a generator), falling back to the
     method's own default, else to ``weights``."""
 
-    epochs: int = Field(1, ge=1)
+    epochs: int = Field(1, ge=0)  # 0: calibrate and evaluate only (PTQ)
     weights: OptimizerConfig = OptimizerConfig(lr=1e-3, weight_decay=1e-4)
     quantizers: OptimizerConfig = OptimizerConfig(lr=1e-5, weight_decay=0.0)
     optimizers: dict[str, OptimizerConfig] = {}

@@ -125,8 +125,10 @@ def verify_run(
     threshold: float = 0.99,
     per_layer: bool = False,
     limit: int | None = None,
+    class_dim: int | None = None,
 ) -> VerifyReport:
-    """ONNX Runtime against the fake-quantized PyTorch model on the run's test images."""
+    """ONNX Runtime against the fake-quantized PyTorch model on the run's test images;
+    predictions along ``class_dim`` (default: the run's ``method.class_dim``, else 1)."""
     if not Path(onnx_path).is_file():
         raise ValueError(f"ONNX file {onnx_path} not found; write it with `sqakd export` first")
     model, bundle, device = load_trained_model(
@@ -140,4 +142,8 @@ def verify_run(
             bundle, test=bundle.test.subset(range(min(limit, len(bundle.test))))
         )
     loader = evaluation_loader(bundle, config, device)
-    return verify_onnx(onnx_path, model, loader, threshold=threshold, per_layer=per_layer)
+    if class_dim is None:
+        class_dim = int(getattr(config.method, "class_dim", None) or 1)
+    return verify_onnx(
+        onnx_path, model, loader, threshold=threshold, per_layer=per_layer, class_dim=class_dim
+    )

@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import platform
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -88,6 +88,8 @@ class RunResult:
     best_epoch: int = 0
     validation: dict[str, float] = field(default_factory=dict)
     teacher: dict[str, float] = field(default_factory=dict)
+    #: the calibrated student before training (post-training quantization, PTQ)
+    calibrated: dict[str, float] = field(default_factory=dict)
     teacher_after: dict[str, float] = field(default_factory=dict)
     images_per_second: float = 0.0
     minutes: float = 0.0
@@ -245,7 +247,12 @@ def build_network(config: Config, bundle: DataBundle, student: bool = False) -> 
     return models.build_model(name, num_classes=num_classes, in_channels=in_channels, **kwargs)
 
 
-def load_teacher(config: Config, bundle: DataBundle, device: torch.device) -> nn.Module:
+def load_teacher(
+    config: Config,
+    bundle: DataBundle,
+    device: torch.device,
+    log: Callable[[str], None] | None = None,
+) -> nn.Module:
     """The full-precision teacher: the configured architecture with the checkpoint's weights."""
     if config.teacher.checkpoint is None:
         raise ValueError(
@@ -253,7 +260,13 @@ def load_teacher(config: Config, bundle: DataBundle, device: torch.device) -> nn
         )
     teacher = build_network(config, bundle)
     try:
-        models.load_weights(teacher, config.teacher.checkpoint)
+        models.load_weights(
+            teacher,
+            config.teacher.checkpoint,
+            key_map=config.teacher.key_map,
+            match=config.teacher.match,
+            log=log,
+        )
     except ValueError as error:
         raise ValueError(
             f"teacher checkpoint {config.teacher.checkpoint} does not fit model {config.model.name!r} with "
@@ -340,6 +353,11 @@ def _run(
     context: DistributedContext = SINGLE_PROCESS,
 ) -> RunResult:
     needs = method.needs
+    if config.train.epochs == 0 and not needs.quantized_student:
+        raise ValueError(
+            f"train.epochs=0 calibrates and evaluates a quantized student (PTQ); method "
+            f"{config.method.name!r} does not quantize: set train.epochs to 1 or more"
+        )
     shard = (context.rank, context.world_size) if context.enabled else None
     train_loader, val_loader, test_loader = make_loaders(bundle, config, device, needs, shard)
     # every rank calibrates on the same global first batch (then rank 0's state is broadcast)
@@ -348,7 +366,7 @@ def _run(
         make_loaders(bundle, config, device, unsharded)[0] if shard else train_loader
     )
     teacher = (
-        load_teacher(config, bundle, device)
+        load_teacher(config, bundle, device, log.info)
         if needs.teacher != "none" or config.teacher.checkpoint
         else None
     )
@@ -359,9 +377,12 @@ def _run(
     )
     if teacher_metrics:
         log.info(
-            "teacher: top-1 %.2f %%, top-5 %.2f %%",
+            "teacher: top-1 %.2f %%, top-5 %.2f %% (inputs normalised with mean %s, std %s; a "
+            "teacher trained with other statistics loses accuracy: set data.mean/data.std)",
             teacher_metrics["top1"],
             teacher_metrics["top5"],
+            _rounded(bundle.mean),
+            _rounded(bundle.std),
         )
     student = build_student(config, needs, bundle, teacher, device)
     models = Models(student, role_teacher(teacher, needs, bundle, config, device, log))
@@ -377,6 +398,19 @@ def _run(
             student,
             method.calibration_images(as_batches(calibration_loader)),
             config.train.calibration_batches,
+        )
+    calibrated = (
+        evaluate_sharded(student, test_loader, device, context)
+        if needs.quantized_student and test_loader
+        else {}
+    )
+    if calibrated:
+        log.info(
+            "calibrated student before training (PTQ, %d calibration batch(es)): top-1 %.2f %%, "
+            "top-5 %.2f %%",
+            config.train.calibration_batches,
+            calibrated["top1"],
+            calibrated["top5"],
         )
     log.info(
         "method %s, %s, %d epochs, %d steps per epoch, device %s",
@@ -409,8 +443,9 @@ def _run(
     last_checkpoint = folder / "checkpoints" / "last.pt"
     if resume and (last_checkpoint.exists() or last_checkpoint.with_name("last.pt.prev").exists()):
         trainer.resume(last_checkpoint)
-    fit = trainer.fit()
+    fit = trainer.fit() if config.train.epochs else FitResult(calibrated, dict(calibrated))
     result = _result(config, method, fit, teacher_metrics, student, folder)
+    result.calibrated = calibrated
     trained_teacher = models.teacher if needs.teacher == "trainable" else None
     if trained_teacher is not None and test_loader:
         result.teacher_after = evaluate_sharded(trained_teacher, test_loader, device, context)
@@ -435,6 +470,10 @@ def _run(
         folder,
     )
     return result
+
+
+def _rounded(values: Iterable[float]) -> str:
+    return "(" + ", ".join(f"{v:.4f}" for v in values) + ")"
 
 
 def as_batches(loader: Iterable[Any]) -> Iterator[Batch]:

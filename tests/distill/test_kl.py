@@ -46,3 +46,28 @@ def test_teacher_receives_no_gradient():
 def test_unknown_loss_lists_known():
     with pytest.raises(ValueError, match="kl"):
         build_loss("nope")
+
+
+def test_sequence_logits_reduce_per_token():
+    """(B, T, V) logits with class_dim=-1: the mean of the per-token (B*T rows of V) losses; equal
+    per-token distributions give 0 (the softmax over dim 1 would compare positions)."""
+    student, teacher = torch.randn(3, 5, 11), torch.randn(3, 5, 11)
+    per_token = kd_kl_divergence(student.reshape(15, 11), teacher.reshape(15, 11), 2.0)
+    torch.testing.assert_close(kd_kl_divergence(student, teacher, 2.0, class_dim=-1), per_token)
+    same = torch.randn(2, 1, 7).expand(2, 6, 7)  # identical distributions, position by position
+    shifted = same + torch.randn(2, 6, 1)  # a per-token constant leaves softmax unchanged
+    assert kd_kl_divergence(shifted, same, 4.0, class_dim=-1).item() == pytest.approx(0, abs=1e-5)
+    assert kd_kl_divergence(shifted, same, 4.0).item() > 0.1  # over dim 1, positions compared
+
+
+def test_segmentation_logits_reduce_per_pixel():
+    student, teacher = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3)
+    rows = lambda t: t.permute(0, 2, 3, 1).reshape(-1, 4)  # noqa: E731
+    torch.testing.assert_close(
+        kd_kl_divergence(student, teacher), kd_kl_divergence(rows(student), rows(teacher))
+    )
+
+
+def test_a_class_dim_outside_the_logits_is_refused():
+    with pytest.raises(ValueError, match="class_dim 2 is not an axis"):
+        kd_kl_divergence(torch.randn(2, 3), torch.randn(2, 3), class_dim=2)

@@ -321,43 +321,58 @@ def test_bits_out_of_range(settings: dict):
         QuantPolicy(**settings)
 
 
-def test_a_model_without_conv_or_linear():
-    with pytest.raises(ValueError, match="no nn.Conv2d or nn.Linear"):
-        prepare(nn.Sequential(nn.ReLU(), nn.BatchNorm2d(3)))
+def test_a_model_without_a_quantizable_layer_warns():
+    model = nn.Sequential(nn.Embedding(10, 4), nn.ReLU(), nn.BatchNorm1d(3))
+    with pytest.warns(
+        UserWarning, match=r"no layer is quantized \(layers with weights: Embedding\)"
+    ):
+        student = prepare(model)
+    assert type(student[0]) is nn.Embedding
+    assert str(describe(student)).startswith("WARNING: no layer is quantized")
 
 
-class WithConv1d(nn.Module):
-    """A model with a layer type prepare() has no quantized twin for."""
+class Conv2dSame(nn.Conv2d):
+    """timm-style: a Conv2d subclass with its own forward (pads like TensorFlow's SAME)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(nn.functional.pad(x, (0, 1, 0, 1)))
+
+
+class WithOwnForward(nn.Module):
+    """A model with a layer prepare() cannot swap: a subclass with its own forward."""
 
     def __init__(self) -> None:
         super().__init__()
         self.stem = nn.Conv2d(3, 8, 3, padding=1)
         self.body = nn.Conv2d(8, 8, 3, padding=1)
         self.bn = nn.BatchNorm2d(8)
-        self.temporal = nn.Conv1d(8, 8, 3, padding=1)
+        self.same = Conv2dSame(8, 8, 2)
         self.head = nn.Linear(8, 5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = torch.relu(self.bn(self.body(torch.relu(self.stem(x)))))
-        x = self.temporal(x.flatten(2))
-        return self.head(x.mean(dim=2))
+        return self.head(self.same(x).mean(dim=(2, 3)))
 
 
-def test_an_unsupported_layer_is_left_as_is_and_listed():
-    model = WithConv1d().eval()
+def test_a_subclass_with_its_own_forward_is_left_as_is_listed_and_warned():
+    model = WithOwnForward().eval()
     rows = {r.name: r for r in plan(model, QuantPolicy(method="ewgs"))}
-    assert set(rows) == {"stem", "body", "temporal", "head"}  # BN is not listed
-    assert (
-        rows["temporal"].kind == "Conv1d"
-        and rows["temporal"].note == "unsupported type, kept in float"
+    assert set(rows) == {"stem", "body", "same", "head"}  # BN is not listed
+    assert rows["same"].kind == "Conv2dSame" and not rows["same"].supported
+    assert rows["same"].note.startswith(
+        "subclass of nn.Conv2d with its own forward(), kept in float"
     )
-    assert rows["temporal"].shape == (8, 8, 3)
+    assert rows["same"].shape == (8, 8, 2, 2)
     assert rows["body"].quantized and not rows["stem"].quantized and not rows["head"].quantized
 
-    student = prepare(model, QuantPolicy(method="ewgs")).eval()
-    assert type(student.temporal) is nn.Conv1d
+    with pytest.warns(
+        UserWarning, match=r"1 layer\(s\) with weights stay in float: same \(Conv2dSame\)"
+    ):
+        student = prepare(model, QuantPolicy(method="ewgs"))
+    student.eval()
+    assert type(student.same) is Conv2dSame
     assert isinstance(student.body, QuantConv2d)
-    assert "unsupported type" in str(describe(student))
+    assert "own forward()" in str(describe(student))
     x = torch.randn(2, 3, 6, 6)
     with torch.no_grad():
         assert student(x).shape == (2, 5)

@@ -10,29 +10,44 @@ from .registry import register_loss
 
 
 def kd_kl_divergence(
-    student_logits: Tensor, teacher_logits: Tensor, temperature: float = 4.0
+    student_logits: Tensor, teacher_logits: Tensor, temperature: float = 4.0, class_dim: int = 1
 ) -> Tensor:
-    """``T**2 * KL(softmax(teacher / T) || softmax(student / T))``, averaged over the batch.
+    """``T**2 * KL(softmax(teacher / T) || softmax(student / T))`` over the class axis
+    ``class_dim``, averaged over the predictions: over the batch for (N, C) logits, over every
+    pixel of every image for (N, C, H, W) segmentation logits, over every token for (N, T, V)
+    sequence logits (``class_dim=-1``).
 
     The T**2 factor keeps gradient magnitudes independent of the temperature (Hinton et al.).
     The teacher's logits are treated as constants.
     """
-    log_p_student = F.log_softmax(student_logits / temperature, dim=1)
-    log_p_teacher = F.log_softmax(teacher_logits.detach() / temperature, dim=1)
-    kl = F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True)
-    return kl * temperature**2
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"student logits {tuple(student_logits.shape)} and teacher logits "
+            f"{tuple(teacher_logits.shape)} differ in shape"
+        )
+    if student_logits.dim() < 2 or not -student_logits.dim() <= class_dim < student_logits.dim():
+        raise ValueError(
+            f"class_dim {class_dim} is not an axis of logits of shape "
+            f"{tuple(student_logits.shape)}; use 1 for (N, C, ...) or -1 for (N, T, V)"
+        )
+    log_p_student = F.log_softmax(student_logits / temperature, dim=class_dim)
+    log_p_teacher = F.log_softmax(teacher_logits.detach() / temperature, dim=class_dim)
+    kl = F.kl_div(log_p_student, log_p_teacher, reduction="sum", log_target=True)
+    predictions = student_logits.numel() // student_logits.shape[class_dim]
+    return kl / predictions * temperature**2
 
 
 @register_loss("kl")
 class KLDistillation(nn.Module):
     """:func:`kd_kl_divergence` as a module."""
 
-    def __init__(self, temperature: float = 4.0) -> None:
+    def __init__(self, temperature: float = 4.0, class_dim: int = 1) -> None:
         super().__init__()
         self.temperature = temperature
+        self.class_dim = class_dim
 
     def forward(self, student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
-        return kd_kl_divergence(student_logits, teacher_logits, self.temperature)
+        return kd_kl_divergence(student_logits, teacher_logits, self.temperature, self.class_dim)
 
 
 @register_loss("logit_mse")

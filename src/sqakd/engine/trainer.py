@@ -274,6 +274,12 @@ class Trainer:
             batch = item
         elif isinstance(item, int):  # a data-free loader's batch: only its size
             batch = Batch(None, size=item)
+        elif isinstance(item, Tensor):  # bare images (a label-free method needs no more)
+            batch = Batch(item, None, None, int(item.shape[0]))
+        elif isinstance(item, Mapping):  # a dict batch: images and labels under common keys
+            batch = Batch.from_dict(item)
+        elif isinstance(item, (tuple, list)) and len(item) == 1:
+            batch = Batch(item[0], None, None, int(item[0].shape[0]))
         else:
             images, labels, *rest = item
             index = rest[0] if rest else None

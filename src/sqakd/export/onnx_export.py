@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from ..quant.float64_sums import Float64SumConvExport
 from ._optional import require
@@ -83,18 +83,22 @@ def _bits(bits: int) -> str:
 def export_onnx(
     model: nn.Module,
     path: str | Path,
-    input_shape: tuple[int, ...],
+    input_shape: tuple[int, ...] | None = None,
     opset: int = 17,
     fold_batchnorm: bool = True,
     integer_kernels: bool = False,
+    example_inputs: Tensor | tuple[Tensor, ...] | None = None,
 ) -> ExportReport:
     """Write ``model`` (prepared and calibrated) to ``path`` as an ONNX QDQ model.
 
     Args:
         model: a model from :func:`sqakd.quant.prepare`, calibrated (the model is not changed).
         path: the ``.onnx`` file to write; its folder must exist.
-        input_shape: the shape of one input batch, e.g. ``(1, 3, 32, 32)``; the batch axis is
-            exported as dynamic.
+        input_shape: the shape of one float input batch, e.g. ``(1, 3, 32, 32)``; the batch
+            axis is exported as dynamic. Give this or ``example_inputs``.
+        example_inputs: what the model is called with, a tensor or a tuple of tensors of any
+            dtype (token ids as ``torch.long``, several inputs): traced as given, each input's
+            batch axis dynamic (ONNX inputs ``input``, ``input_1``, ...).
         opset: ONNX opset (13 or higher). Raised to 21 when a layer needs int16 codes (8-bit
             weights with a half-integer zero point, e.g. EWGS W8), and said so in the report.
         fold_batchnorm: fold batch norm into the float convolutions before it.
@@ -107,7 +111,8 @@ def export_onnx(
     path = Path(path)
     if not path.parent.is_dir():
         raise ValueError(f"output folder {path.parent} does not exist; create it first")
-    input_shape = _check_input_shape(input_shape)
+    examples = _examples(input_shape, example_inputs)
+    input_shape = tuple(examples[0].shape)
     if not isinstance(opset, int) or not MIN_OPSET <= opset <= onnx.defs.onnx_opset_version():
         raise ValueError(
             f"opset must be {MIN_OPSET}..{onnx.defs.onnx_opset_version()}, got {opset!r}"
@@ -127,7 +132,7 @@ def export_onnx(
             f"opset raised from {opset} to {INT16_MIN_OPSET}: int16 weight codes in "
             f"{', '.join(int16_layers)}"
         )
-    proto = _trace(view, input_shape, min(target_opset, TRACE_MAX_OPSET))
+    proto = _trace(view, examples, min(target_opset, TRACE_MAX_OPSET))
     _inline_initializer_copies(proto)
     folded = None
     if fold_batchnorm:
@@ -158,30 +163,124 @@ def _check_input_shape(input_shape: tuple[int, ...]) -> tuple[int, ...]:
     return shape
 
 
-def _trace(view: nn.Module, input_shape: tuple[int, ...], opset: int):
+def _examples(
+    input_shape: tuple[int, ...] | None, example_inputs: Tensor | tuple[Tensor, ...] | None
+) -> tuple[Tensor, ...]:
+    """The example inputs to trace with: ``example_inputs`` as a tuple, or zeros of
+    ``input_shape``."""
+    if example_inputs is None:
+        if input_shape is None:
+            raise ValueError(
+                "give input_shape (e.g. (1, 3, 32, 32)) or example_inputs (what the model is "
+                "called with, e.g. a batch of token ids)"
+            )
+        return (torch.zeros(_check_input_shape(input_shape)),)
+    examples = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    if not examples or not all(isinstance(e, Tensor) and e.dim() >= 1 for e in examples):
+        raise ValueError(
+            "example_inputs must be a tensor or a tuple of tensors, each with a batch axis; got "
+            f"{type(example_inputs).__name__}"
+        )
+    return tuple(examples)
+
+
+def input_names(count: int) -> list[str]:
+    """The ONNX graph's input names: ``input``, then ``input_1``, ``input_2``, ..."""
+    return [INPUT_NAME] + [f"{INPUT_NAME}_{i}" for i in range(1, count)]
+
+
+class _ModuleStack:
+    """Forward pre/post hooks that keep the names of the modules being run, so that a failed
+    trace can name the layer it failed in."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.stack: list[str] = []
+        self.failed: str | None = None
+        self.handles = []
+        for name, module in model.named_modules():
+            self.handles.append(module.register_forward_pre_hook(self._enter(name)))
+            self.handles.append(module.register_forward_hook(self._leave))
+
+    def _enter(self, name: str):  # type: ignore[no-untyped-def]
+        def hook(module, args):  # type: ignore[no-untyped-def]
+            self.stack.append(f"{name or '(the model)'} ({type(module).__name__})")
+
+        return hook
+
+    def _leave(self, module, args, output) -> None:  # type: ignore[no-untyped-def]
+        self.stack.pop()
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def _trace(view: nn.Module, examples: tuple[Tensor, ...], opset: int):
     onnx = require("onnx")
-    example = torch.zeros(input_shape)
+    names = input_names(len(examples))
+    stack = _ModuleStack(view)
     # PRESERVE on an eval-mode model: inference graph without the exporter's own Conv+BN fusion,
     # which would also fold into quantized layers whose weight is a float constant
     mode = torch.onnx.TrainingMode.PRESERVE
     buffer = io.BytesIO()
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
-        torch.onnx.export(
-            view,
-            (example,),
-            buffer,
-            dynamo=False,
-            opset_version=opset,
-            input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
-            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-            do_constant_folding=True,
-            training=mode,
-        )
+    fastpath = _mha_fastpath(False)  # the fused attention kernel has no ONNX form
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+            torch.onnx.export(
+                view,
+                examples,
+                buffer,
+                dynamo=False,
+                opset_version=opset,
+                input_names=names,
+                output_names=[OUTPUT_NAME],
+                dynamic_axes={**{n: {0: "batch"} for n in names}, OUTPUT_NAME: {0: "batch"}},
+                do_constant_folding=True,
+                training=mode,
+            )
+    except Exception as error:  # noqa: BLE001 - one line naming the layer
+        where = stack.stack[-1] if stack.stack else _layer_of_op(view, str(error))
+        raise ValueError(
+            f"the model cannot be traced for ONNX export: in layer {where}: "
+            f"{type(error).__name__}: {_first_line(error)}; give example_inputs the model "
+            f"accepts, or make that layer's forward traceable"
+        ) from error
+    finally:
+        stack.remove()
+        _mha_fastpath(fastpath)
     proto = onnx.load_from_string(buffer.getvalue())
     proto.producer_name = "sqakd"
     return proto
+
+
+def _mha_fastpath(enabled: bool) -> bool:
+    """Switch ``nn.MultiheadAttention``'s fused inference kernel on or off; returns the old
+    setting."""
+    backend = getattr(torch.backends, "mha", None)
+    if backend is None:
+        return True
+    previous = backend.get_fastpath_enabled()
+    backend.set_fastpath_enabled(enabled)
+    return previous
+
+
+def _layer_of_op(model: nn.Module, message: str) -> str:
+    """The layers whose type the failed ``aten::`` op is named after (the exporter fails after
+    tracing, outside every module), else the op itself."""
+    op = next((w for w in message.replace("'", " ").split() if w.startswith("aten::")), "")
+    flat = op.removeprefix("aten::").replace("_", "").lower()
+    names = [
+        f"{name} ({type(module).__name__})"
+        for name, module in model.named_modules()
+        if name and flat and type(module).__name__.lower() in flat
+    ]
+    return ", ".join(names[:3]) if names else (op or "(no layer recorded)")
+
+
+def _first_line(error: Exception) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return (lines[0] if lines else "")[:300]
 
 
 def _inline_initializer_copies(proto) -> None:  # type: ignore[no-untyped-def]

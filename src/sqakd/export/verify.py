@@ -50,6 +50,9 @@ class VerifyReport:
     per_layer: dict[str, float] | None = None
     #: quantized layer name -> fraction of its outputs differing by more than float noise
     per_layer_mismatch: dict[str, float] | None = None
+    #: predictions compared (one per image for classification; per token or per pixel for
+    #: logits with more axes than (N, classes)); 0 = one per image
+    predictions: int = 0
 
     @property
     def passed(self) -> bool:
@@ -57,8 +60,11 @@ class VerifyReport:
 
     def __str__(self) -> str:
         verdict = "PASSED" if self.passed else "FAILED"
+        counted = f"{self.samples} images"
+        if self.predictions and self.predictions != self.samples:
+            counted = f"{self.predictions} predictions in {self.samples} images"
         lines = [
-            f"{verdict}: predictions agree on {self.agreement:.2%} of {self.samples} images "
+            f"{verdict}: predictions agree on {self.agreement:.2%} of {counted} "
             f"(threshold {self.threshold:.2%}); largest logit difference {self.max_abs_diff:.3g}"
         ]
         if self.torch_top1 is not None and self.onnx_top1 is not None:
@@ -83,6 +89,7 @@ def verify_onnx(
     labels: Tensor | None = None,
     threshold: float = 0.99,
     per_layer: bool = False,
+    class_dim: int = 1,
 ) -> VerifyReport:
     """Run ``onnx_path`` in ONNX Runtime (CPU, all graph optimisations) and ``model`` in PyTorch
     (eval mode) on ``images`` and compare them.
@@ -93,6 +100,9 @@ def verify_onnx(
         labels: (N,) class indices for a tensor of images (pairs bring their own labels).
         threshold: the agreement rate (0..1] needed for ``report.passed``.
         per_layer: also compare each quantized layer in isolation (see the module docstring).
+        class_dim: the logits' class axis (1 for (N, C) and (N, C, H, W) segmentation logits,
+            -1 for (N, T, V) sequence logits); agreement and top-1 are counted per prediction
+            (per image, per pixel, per token), labels then shaped like the predictions.
     """
     ort = require("onnxruntime")
     onnx_path = Path(onnx_path)
@@ -113,10 +123,12 @@ def verify_onnx(
     try:
         with torch.no_grad():
             for batch, batch_labels in _batches(images, labels):
-                batch = batch.float().contiguous()
-                onnx_logits = session.run(None, {input_name: batch.numpy()})[0]
-                torch_logits = model(batch).numpy()
-                totals.add(torch_logits, onnx_logits, batch_labels)
+                batch = batch.contiguous()
+                if batch.is_floating_point():
+                    batch = batch.float()
+                onnx_logits = session.run(None, {input_name: batch.cpu().numpy()})[0]
+                torch_logits = model(batch).cpu().numpy()
+                totals.add(torch_logits, onnx_logits, batch_labels, class_dim)
                 for name, (layer_input, layer_output) in collector.take().items():
                     layer_session = layer_sessions[name]
                     feed = {layer_session.get_inputs()[0].name: layer_input.numpy()}
@@ -195,26 +207,39 @@ class _LayerCollector:
 
 class _Totals:
     def __init__(self, layer_names: list[str]) -> None:
-        self.samples = self.agreeing = 0
+        self.samples = self.agreeing = self.predictions = 0
         self.max_abs_diff = 0.0
         self.correct_torch = self.correct_onnx = self.labelled = 0
         self.layer_diff = dict.fromkeys(layer_names, 0.0)
         self.layer_mismatch = dict.fromkeys(layer_names, 0)
         self.layer_size = dict.fromkeys(layer_names, 0)
 
-    def add(self, torch_logits: np.ndarray, onnx_logits: np.ndarray, labels: Tensor | None) -> None:
+    def add(
+        self,
+        torch_logits: np.ndarray,
+        onnx_logits: np.ndarray,
+        labels: Tensor | None,
+        class_dim: int = 1,
+    ) -> None:
         if torch_logits.shape != onnx_logits.shape:
             raise ValueError(
                 f"ONNX output shape {onnx_logits.shape} differs from the model's "
                 f"{torch_logits.shape}; verify against the model it was exported from"
             )
-        torch_pred, onnx_pred = torch_logits.argmax(axis=1), onnx_logits.argmax(axis=1)
+        if not -torch_logits.ndim <= class_dim < torch_logits.ndim or torch_logits.ndim < 2:
+            raise ValueError(
+                f"class_dim {class_dim} is not an axis of the logits of shape "
+                f"{torch_logits.shape}; use 1 for (N, C, ...) or -1 for (N, T, V)"
+            )
+        torch_pred = torch_logits.argmax(axis=class_dim)
+        onnx_pred = onnx_logits.argmax(axis=class_dim)
         self.samples += len(torch_pred)
+        self.predictions += torch_pred.size
         self.agreeing += int((torch_pred == onnx_pred).sum())
         self.max_abs_diff = max(self.max_abs_diff, float(np.abs(torch_logits - onnx_logits).max()))
         if labels is not None:
-            target = labels.numpy()
-            self.labelled += len(target)
+            target = labels.cpu().numpy().reshape(torch_pred.shape)
+            self.labelled += target.size
             self.correct_torch += int((torch_pred == target).sum())
             self.correct_onnx += int((onnx_pred == target).sum())
 
@@ -228,14 +253,15 @@ class _Totals:
     def report(self, threshold: float, per_layer: bool) -> VerifyReport:
         if self.samples == 0:
             raise ValueError("verification got no images; give at least one batch")
-        labelled = self.labelled == self.samples
+        labelled = self.labelled == self.predictions
         return VerifyReport(
             samples=self.samples,
-            agreement=self.agreeing / self.samples,
+            predictions=self.predictions,
+            agreement=self.agreeing / self.predictions,
             max_abs_diff=self.max_abs_diff,
             threshold=threshold,
-            torch_top1=self.correct_torch / self.samples if labelled else None,
-            onnx_top1=self.correct_onnx / self.samples if labelled else None,
+            torch_top1=self.correct_torch / self.predictions if labelled else None,
+            onnx_top1=self.correct_onnx / self.predictions if labelled else None,
             per_layer=dict(self.layer_diff) if per_layer else None,
             per_layer_mismatch={
                 name: self.layer_mismatch[name] / max(self.layer_size[name], 1)

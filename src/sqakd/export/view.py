@@ -37,9 +37,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..quant import QuantConv2d, QuantGrid, QuantizedLayer, Quantizer, QuantLinear, quantized_layers
+from ..quant import QuantGrid, QuantizedLayer, Quantizer, QuantLinear, quantized_layers
 from ..quant import integer_sums as sums
-from ..quant.batchnorm import AffineBatchNorm2d, ChannelAffine
+from ..quant.batchnorm import AffineBatchNorm, ChannelAffine
 from ..quant.deployed import check_calibrated, weight_codes
 from ..quant.float64_sums import Float64SumConv2d, Float64SumConvExport, conv2d_arguments
 from ..quant.grid import (
@@ -50,6 +50,7 @@ from ..quant.grid import (
     broadcast_channels,
     weight_form,
 )
+from ..quant.layers import _QuantConv, _QuantConvTranspose, transposed_conv
 from ..quant.policy import FLOAT_BITS
 from ..quant.prepare import replace_module
 
@@ -96,24 +97,38 @@ FloatOp = Callable[[Tensor, Tensor, Tensor | None], Tensor]
 
 
 def _conv_op(layer: nn.Module) -> FloatOp:
-    assert isinstance(layer, nn.Conv2d)
+    assert isinstance(layer, nn.modules.conv._ConvNd)
+    if isinstance(layer, _QuantConvTranspose):
+        return transposed_conv(layer)
+    conv = (F.conv1d, F.conv2d, F.conv3d)[layer.weight.dim() - 3]
     stride, dilation, groups = layer.stride, layer.dilation, layer.groups
     if layer.padding_mode == "zeros":
         padding = layer.padding
-        return lambda x, w, b: F.conv2d(x, w, b, stride, padding, dilation, groups)
+        return lambda x, w, b: conv(x, w, b, stride, padding, dilation, groups)
     pad, mode = layer._reversed_padding_repeated_twice, layer.padding_mode
-    return lambda x, w, b: F.conv2d(F.pad(x, pad, mode=mode), w, b, stride, 0, dilation, groups)
+    return lambda x, w, b: conv(F.pad(x, pad, mode=mode), w, b, stride, 0, dilation, groups)
 
 
 def _linear_op(layer: nn.Module) -> FloatOp:
     return F.linear
 
 
-#: quantized layer type -> the float op its deployable twin runs
+#: quantized layer type (or base) -> the float op its deployable twin runs
 FLOAT_OPS: dict[type[QuantizedLayer], Callable[[nn.Module], FloatOp]] = {
-    QuantConv2d: _conv_op,
+    _QuantConv: _conv_op,
     QuantLinear: _linear_op,
 }
+
+
+def _builder(table: dict[type[QuantizedLayer], Callable], layer: QuantizedLayer) -> Callable:
+    kind = next((k for k in table if isinstance(layer, k)), None)
+    if kind is None:
+        raise ValueError(
+            f"no export for quantized layer type {type(layer).__name__}; register its op in "
+            f"sqakd.export.view.FLOAT_OPS and WINDOW_OPS"
+        )
+    return table[kind](layer)
+
 
 #: ``window(t, kernel)``: the op with an all-ones kernel (one output per group), broadcastable
 #: over the output channels (see :mod:`sqakd.quant.integer_sums`)
@@ -121,7 +136,7 @@ WindowOp = Callable[[Tensor, Tensor], Tensor]
 
 
 def _conv_window(layer: nn.Module) -> WindowOp:
-    op, out_channels = _conv_op(layer), layer.weight.shape[0]
+    op, out_channels = _conv_op(layer), layer.out_channels
     return lambda x, kernel: sums.expand_groups(op(x, kernel, None), out_channels)
 
 
@@ -129,9 +144,9 @@ def _linear_window(layer: nn.Module) -> WindowOp:
     return lambda x, kernel: F.linear(x, kernel)
 
 
-#: quantized layer type -> its window sums, for a weight with a float offset
+#: quantized layer type (or base) -> its window sums, for a weight with a float offset
 WINDOW_OPS: dict[type[QuantizedLayer], Callable[[nn.Module], WindowOp]] = {
-    QuantConv2d: _conv_window,
+    _QuantConv: _conv_window,
     QuantLinear: _linear_window,
 }
 
@@ -168,8 +183,8 @@ class ExportedLayer(nn.Module):
 
     def __init__(self, name: str, layer: QuantizedLayer, integer_sums: bool = True) -> None:
         super().__init__()
-        self.op = FLOAT_OPS[type(layer)](layer)
-        self.window_op = WINDOW_OPS[type(layer)](layer)
+        self.op = _builder(FLOAT_OPS, layer)
+        self.window_op = _builder(WINDOW_OPS, layer)
         self.register_buffer("bias", None if layer.bias is None else layer.bias.detach().clone())
         wq = layer.weight_quantizer if layer.quantization_enabled else None
         aq = layer.act_quantizer if layer.quantization_enabled else None
@@ -190,7 +205,7 @@ class ExportedLayer(nn.Module):
         self.runs_integer_sums = integer_sums and weight is not None and self.act is not None
         if self.runs_integer_sums:
             assert weight is not None
-            self._set_integer_sums(weight, getattr(layer, "groups", 1))
+            self._set_integer_sums(weight, layer.window_kernel())
 
     # ---------------------------------------------------------------------------------- weight
     def _set_weight(self, layer: QuantizedLayer) -> WeightForm | None:
@@ -277,7 +292,7 @@ class ExportedLayer(nn.Module):
         if form.pre_shift or form.post_shift:
             self.report.notes.append("fractional activation zero point carried as a float shift")
 
-    def _set_integer_sums(self, weight: WeightForm, groups: int) -> None:
+    def _set_integer_sums(self, weight: WeightForm, window_kernel: Tensor) -> None:
         """Run the op on integer codes and scale afterwards, exactly as
         :meth:`sqakd.quant.QuantizedLayer.integer_forward` does in PyTorch: the same constants
         (:func:`~sqakd.quant.integer_sums.sum_constants`), the same terms in the same order."""
@@ -292,8 +307,7 @@ class ExportedLayer(nn.Module):
         self.register_buffer("unit_scale", torch.ones_like(weight.scale))
         self.register_buffer("act_unit_scale", torch.ones_like(form.dq_scale))
         if constants.weight_offset is not None:  # int8 ones, dequantized like the weight codes
-            ones = sums.window_kernel(weight.codes, groups)
-            self.register_buffer("window_codes", ones.to(torch.int8))
+            self.register_buffer("window_codes", window_kernel.detach().to(torch.int8))
             self.register_buffer("window_zero_point", torch.tensor(0, dtype=torch.int8))
         terms = [
             "input shift" if form.post_shift else "",
@@ -435,7 +449,7 @@ def build_export_view(
             return twin, reports
         replace_module(view, name, twin)
     for name, module in list(view.named_modules()):
-        if isinstance(module, AffineBatchNorm2d):
+        if isinstance(module, AffineBatchNorm):
             replace_module(view, name, _batchnorm_export(module, integer_sums))
         elif isinstance(module, Float64SumConv2d):
             replace_module(view, name, _float64_sum_export(module, integer_sums))
@@ -452,12 +466,14 @@ def _float64_sum_export(conv: Float64SumConv2d, integer_sums: bool) -> nn.Module
     return plain.eval()
 
 
-def _batchnorm_export(bn: AffineBatchNorm2d, integer_sums: bool) -> nn.Module:
-    """What an :class:`AffineBatchNorm2d` exports as: its eval-mode arithmetic written out, or a
-    plain ``nn.BatchNorm2d`` (PyTorch's kernel, ``BatchNormalization`` in ONNX)."""
+def _batchnorm_export(bn: AffineBatchNorm, integer_sums: bool) -> nn.Module:
+    """What an :class:`AffineBatchNorm` exports as: its eval-mode arithmetic written out, or a
+    plain batch norm (PyTorch's kernel, ``BatchNormalization`` in ONNX)."""
+    dims = {nn.BatchNorm1d: 3, nn.BatchNorm2d: 4, nn.BatchNorm3d: 5}
+    float_type = next(t for t in dims if isinstance(bn, t))
     if integer_sums and bn.quantization_enabled and bn.running_var is not None:
         with torch.no_grad():
-            return ChannelAffine(*bn.affine_terms())
-    plain = nn.BatchNorm2d(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
+            return ChannelAffine(*bn.affine_terms(), dims=dims[float_type])
+    plain = float_type(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
     plain.load_state_dict(bn.state_dict())
     return plain.eval()

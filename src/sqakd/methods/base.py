@@ -90,6 +90,24 @@ class Batch:
     index: Tensor | None = None
     size: int = 0
 
+    #: dict keys read by :meth:`from_dict`, in the order tried
+    IMAGE_KEYS = ("input", "inputs", "images", "image", "x", "input_ids", "pixel_values")
+    LABEL_KEYS = ("labels", "label", "targets", "target", "y")
+
+    @classmethod
+    def from_dict(cls, item: Mapping[str, Any]) -> Batch:
+        """A dict batch (``{"images": ..., "labels": ...}``, ``{"input_ids": ...}``, ...) as a
+        batch: the first of :attr:`IMAGE_KEYS` and of :attr:`LABEL_KEYS` present."""
+        key = next((k for k in cls.IMAGE_KEYS if k in item), None)
+        if key is None:
+            raise ValueError(
+                f"the dict batch has none of the input keys {', '.join(cls.IMAGE_KEYS)}; its keys "
+                f"are {', '.join(map(repr, item))}: rename the input or yield (inputs, labels)"
+            )
+        labels = next((item[k] for k in cls.LABEL_KEYS if k in item), None)
+        images = item[key]
+        return cls(images, labels, item.get("index"), int(images.shape[0]))
+
 
 @dataclass
 class Models:

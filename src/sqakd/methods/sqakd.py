@@ -26,6 +26,9 @@ class SQAKDOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     temperature: float = Field(4.0, gt=0)
+    #: the logits' class axis: 1 for (N, C) and (N, C, H, W), -1 for (N, T, V) sequences; the
+    #: losses average over every other position (per image, pixel or token)
+    class_dim: int = 1
     alpha: float = Field(1.0, ge=0)
     gamma: float = Field(0.0, ge=0)
     beta: float = Field(0.0, ge=0)
@@ -77,9 +80,12 @@ class SQAKD(Method):
         cfg = self.options
         losses: dict[str, Tensor] = {}
         if cfg.alpha > 0:
-            losses["kd"] = cfg.alpha * kd_kl_divergence(logits, teacher_logits, cfg.temperature)
+            losses["kd"] = cfg.alpha * kd_kl_divergence(
+                logits, teacher_logits, cfg.temperature, cfg.class_dim
+            )
         if cfg.gamma > 0:
-            losses["ce"] = cfg.gamma * F.cross_entropy(logits, batch.labels)
+            class_first = logits.movedim(cfg.class_dim, 1) if logits.dim() > 2 else logits
+            losses["ce"] = cfg.gamma * F.cross_entropy(class_first, batch.labels)
         if self.extra_loss is not None:
             losses[cfg.extra_loss or "extra"] = cfg.beta * self.extra_loss(logits, teacher_logits)
         return losses

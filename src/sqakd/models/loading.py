@@ -9,9 +9,9 @@ or ``{"net": ...}``; the ``module.`` prefix of DataParallel/DDP and the ``_orig_
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -114,12 +114,24 @@ def _strip_prefixes(state: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 def load_weights(
-    model: nn.Module, path_or_state_dict: str | Path | Mapping[str, Any], strict: bool = True
+    model: nn.Module,
+    path_or_state_dict: str | Path | Mapping[str, Any],
+    strict: bool = True,
+    key_map: Mapping[str, str] | None = None,
+    match: Literal["names", "shapes"] = "names",
+    log: Callable[[str], None] | None = None,
 ) -> nn.Module:
     """Load a checkpoint file or state dict into ``model`` (in place) and return ``model``.
 
-    Keys are matched by name. Any shape mismatch is an error; missing or unexpected keys are an
-    error when ``strict`` (the message names the first few of each, with counts).
+    Keys are matched by name, after three repairs for checkpoints from other implementations:
+    batch norms' ``num_batches_tracked`` buffers missing from the file (older PyTorch) are
+    filled with 0 as PyTorch does; ``key_map`` renames key prefixes (``{"linear.": "fc."}``;
+    an entry that matches no key is an error); and a model's own ``checkpoint_key_map``
+    attribute (the registry's CIFAR ResNets: ``linear.`` -> ``fc.``) is applied when the keys do
+    not match without it. Any shape mismatch is an error; missing or unexpected keys are an
+    error when ``strict`` (the message names the first few of each, with counts, and proposes
+    the key map when the shapes match one to one in order). ``match="shapes"`` pairs such keys
+    in order and calls ``log`` with every pairing.
     """
     if isinstance(path_or_state_dict, Mapping):
         state = normalise_state_dict(path_or_state_dict, source="the state dict")
@@ -127,11 +139,104 @@ def load_weights(
     else:
         state = read_state_dict(path_or_state_dict)
         source = f"checkpoint {path_or_state_dict}"
-    problems = _mismatch(model.state_dict(), state, strict)
+    expected = model.state_dict()
+    if key_map:
+        state = rename_keys(state, key_map, source)
+    aliases = getattr(model, "checkpoint_key_map", None)
+    if aliases and any(key not in expected for key in state):
+        renamed = rename_keys(state, aliases, source, required=False)
+        if set(renamed) <= set(expected):
+            state = renamed
+    state = _fill_batch_counts(expected, state)
+    if match == "shapes":
+        state = _pair_by_shapes(expected, state, source, log)
+    problems = _mismatch(expected, state, strict)
     if problems:
         raise ValueError(f"{source} does not fit {type(model).__name__}: {'; '.join(problems)}")
     model.load_state_dict(state, strict=strict)
     return model
+
+
+def rename_keys(
+    state: Mapping[str, Tensor], key_map: Mapping[str, str], source: str, required: bool = True
+) -> dict[str, Tensor]:
+    """``state`` with each key's prefix renamed by the first ``key_map`` entry it starts with.
+    With ``required``, an entry that matches no key is an error naming it."""
+    unused = [old for old in key_map if not any(key.startswith(old) for key in state)]
+    if unused and required:
+        prefixes = sorted({key.split(".")[0] + "." for key in state})
+        raise ValueError(
+            f"key map entry {unused[0]!r} matches no key of {source}; its keys begin with "
+            f"{_names(prefixes)}"
+        )
+    renamed = {}
+    for key, value in state.items():
+        old = next((old for old in key_map if key.startswith(old)), None)
+        renamed[key if old is None else key_map[old] + key[len(old) :]] = value
+    return renamed
+
+
+def _fill_batch_counts(
+    expected: Mapping[str, Tensor], state: dict[str, Tensor]
+) -> dict[str, Tensor]:
+    """Add the ``num_batches_tracked`` buffers a checkpoint from an older PyTorch lacks, as 0
+    (what ``nn.BatchNorm`` itself does on loading), when the rest of that batch norm is there."""
+    missing = [
+        key
+        for key in expected
+        if key.endswith("num_batches_tracked")
+        and key not in state
+        and key.replace("num_batches_tracked", "running_mean") in state
+    ]
+    if not missing:
+        return state
+    return {**state, **{key: torch.zeros_like(expected[key]) for key in missing}}
+
+
+def _shape_pairs(
+    expected: Mapping[str, Tensor], state: Mapping[str, Tensor]
+) -> list[tuple[str, str]] | None:
+    """``(checkpoint key, model key)`` for the unmatched keys when their shapes match one to one
+    in order, else ``None``."""
+    missing = [key for key in expected if key not in state]
+    unexpected = [key for key in state if key not in expected]
+    if not missing or len(missing) != len(unexpected):
+        return None
+    pairs = list(zip(unexpected, missing))
+    if any(state[old].shape != expected[new].shape for old, new in pairs):
+        return None
+    return pairs
+
+
+def proposed_key_map(pairs: list[tuple[str, str]]) -> dict[str, str]:
+    """The prefix renames that turn each checkpoint key into its paired model key (their
+    common ending removed)."""
+    key_map: dict[str, str] = {}
+    for old, new in pairs:
+        old_parts, new_parts = old.split("."), new.split(".")
+        while len(old_parts) > 1 and len(new_parts) > 1 and old_parts[-1] == new_parts[-1]:
+            old_parts, new_parts = old_parts[:-1], new_parts[:-1]
+        old_prefix, new_prefix = ".".join(old_parts) + ".", ".".join(new_parts) + "."
+        if old_prefix == old + "." or key_map.get(old_prefix, new_prefix) != new_prefix:
+            old_prefix, new_prefix = old, new  # a whole key, or a prefix renamed two ways
+        key_map[old_prefix] = new_prefix
+    return key_map
+
+
+def _pair_by_shapes(
+    expected: Mapping[str, Tensor],
+    state: dict[str, Tensor],
+    source: str,
+    log: Callable[[str], None] | None,
+) -> dict[str, Tensor]:
+    pairs = _shape_pairs(expected, state)
+    if pairs is None:
+        return state  # nothing to pair, or no one-to-one match: the mismatch error follows
+    for old, new in pairs:
+        if log is not None:
+            log(f"{source}: {old} -> {new} (matched by shape {_shape(state[old])})")
+    renamed = dict(pairs)
+    return {renamed.get(key, key): value for key, value in state.items()}
 
 
 def _mismatch(
@@ -145,6 +250,12 @@ def _mismatch(
             problems.append(f"{len(missing)} missing key(s): {_names(missing)}")
         if unexpected:
             problems.append(f"{len(unexpected)} unexpected key(s): {_names(unexpected)}")
+        pairs = _shape_pairs(expected, given)
+        if pairs is not None:
+            problems.append(
+                f"their shapes match one to one in order: load with key_map "
+                f"{proposed_key_map(pairs)} (teacher.key_map), or teacher.match: shapes"
+            )
     shapes = [
         f"{key} (checkpoint {_shape(given[key])}, model {_shape(tensor)})"
         for key, tensor in expected.items()

@@ -65,6 +65,9 @@ class BasicBlock(nn.Module):
 class CifarResNet(nn.Module):
     """ResNet-(6n+2) for 32x32 images: stem, three stages (16, 32, 64 channels), pool, fc."""
 
+    #: the classifier's name in widely used public CIFAR ResNet code, renamed on loading
+    checkpoint_key_map = {"linear.": "fc."}
+
     def __init__(self, depth: int, num_classes: int = 10, in_channels: int = 3) -> None:
         super().__init__()
         if (depth - 2) % 6 != 0 or depth < 8:

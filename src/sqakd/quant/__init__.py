@@ -4,7 +4,11 @@ from . import methods  # noqa: F401  (registers every quantizer)
 from .base import QuantGrid, Quantizer, check_bits
 from .calibrate import calibrate, reset_calibration
 from .layers import (
+    QuantConv1d,
     QuantConv2d,
+    QuantConv3d,
+    QuantConvTranspose1d,
+    QuantConvTranspose2d,
     QuantizedLayer,
     QuantLinear,
     model_parameters,
@@ -21,7 +25,11 @@ from .registry import available_quantizers, build_quantizer, register_quantizer
 
 __all__ = [
     "LayerOverride",
+    "QuantConv1d",
     "QuantConv2d",
+    "QuantConv3d",
+    "QuantConvTranspose1d",
+    "QuantConvTranspose2d",
     "QuantGrid",
     "QuantLinear",
     "QuantPlan",

@@ -3,7 +3,7 @@
 PyTorch's CPU batch-norm kernel and ONNX Runtime's ``BatchNormalization`` round differently (on
 random data about a third of the outputs differ in the last bit), and a low-bit network can
 turn such a difference into a different quantization code downstream. :func:`sqakd.quant.prepare`
-therefore swaps every ``nn.BatchNorm2d`` of a quantized model for :class:`AffineBatchNorm2d`,
+therefore swaps every ``nn.BatchNorm1d/2d/3d`` of a quantized model for an :class:`AffineBatchNorm`,
 whose eval forward is the per-channel affine ``x * alpha + beta`` (one multiply, one add), and
 the export writes the same two element-wise ops with the same constants. Training mode is
 ``nn.BatchNorm2d`` unchanged, and the parameter and buffer names are kept.
@@ -15,16 +15,18 @@ import torch
 from torch import Tensor, nn
 
 
-class AffineBatchNorm2d(nn.BatchNorm2d):
-    """``nn.BatchNorm2d``; in eval mode (with running statistics) ``x * alpha + beta`` where
-    ``alpha = weight / sqrt(running_var + eps)`` (as ``(1 / sqrt(.)) * weight``) and ``beta = bias
-    - running_mean * alpha``. With ``quantization_enabled`` off (:func:`set_quantization`) it is
-    PyTorch's own kernel, so a prepared model with quantization off is the float model exactly."""
+class AffineBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """A batch norm (any dimension); in eval mode (with running statistics) ``x * alpha + beta``
+    where ``alpha = weight / sqrt(running_var + eps)`` (as ``(1 / sqrt(.)) * weight``) and
+    ``beta = bias - running_mean * alpha``. With ``quantization_enabled`` off
+    (:func:`set_quantization`) it is PyTorch's own kernel, so a prepared model with quantization
+    off is the float model exactly. The concrete classes are :class:`AffineBatchNorm1d`,
+    :class:`AffineBatchNorm2d` and :class:`AffineBatchNorm3d`."""
 
     quantization_enabled: bool = True
 
     @classmethod
-    def from_float(cls, bn: nn.BatchNorm2d) -> AffineBatchNorm2d:
+    def from_float(cls, bn: nn.modules.batchnorm._BatchNorm) -> AffineBatchNorm:
         """Wrap an existing batch norm, sharing its parameters and buffers (no copy)."""
         twin = cls(
             bn.num_features,
@@ -52,18 +54,49 @@ class AffineBatchNorm2d(nn.BatchNorm2d):
     def forward(self, x: Tensor) -> Tensor:
         if self.training or self.running_var is None or not self.quantization_enabled:
             return super().forward(x)
+        self._check_input_dim(x)
         alpha, beta = self.affine_terms()
-        return x * alpha.reshape(1, -1, 1, 1) + beta.reshape(1, -1, 1, 1)
+        shape = channel_shape(x.dim())
+        return x * alpha.reshape(shape) + beta.reshape(shape)
+
+
+def channel_shape(dims: int) -> tuple[int, ...]:
+    """The shape that broadcasts a per-channel vector over a ``dims``-d ``(N, C, ...)`` tensor."""
+    return (1, -1) + (1,) * (dims - 2)
+
+
+class AffineBatchNorm1d(AffineBatchNorm, nn.BatchNorm1d):
+    """``nn.BatchNorm1d`` with the affine eval arithmetic of :class:`AffineBatchNorm`."""
+
+
+class AffineBatchNorm2d(AffineBatchNorm, nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` with the affine eval arithmetic of :class:`AffineBatchNorm`."""
+
+
+class AffineBatchNorm3d(AffineBatchNorm, nn.BatchNorm3d):
+    """``nn.BatchNorm3d`` with the affine eval arithmetic of :class:`AffineBatchNorm`."""
+
+
+#: float batch norm type -> its affine twin (prepare() swaps these and subclasses that keep the
+#: parent's forward)
+AFFINE_BATCHNORMS: dict[type[nn.Module], type[AffineBatchNorm]] = {
+    nn.BatchNorm1d: AffineBatchNorm1d,
+    nn.BatchNorm2d: AffineBatchNorm2d,
+    nn.BatchNorm3d: AffineBatchNorm3d,
+}
 
 
 class ChannelAffine(nn.Module):
     """``x * alpha + beta`` per channel with fixed constants: what an :class:`AffineBatchNorm2d`
     becomes in the export view (two element-wise ONNX ops)."""
 
-    def __init__(self, alpha: Tensor, beta: Tensor) -> None:
+    def __init__(self, alpha: Tensor, beta: Tensor, dims: int = 4) -> None:
         super().__init__()
-        self.register_buffer("alpha", alpha.detach().reshape(1, -1, 1, 1).clone())
-        self.register_buffer("beta", beta.detach().reshape(1, -1, 1, 1).clone())
+        self.register_buffer("alpha", alpha.detach().reshape(channel_shape(dims)).clone())
+        self.register_buffer("beta", beta.detach().reshape(channel_shape(dims)).clone())
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != self.alpha.dim():  # a batch norm 1d on (N, C) as well as (N, C, L)
+            shape = channel_shape(x.dim())
+            return x * self.alpha.reshape(shape) + self.beta.reshape(shape)
         return x * self.alpha + self.beta

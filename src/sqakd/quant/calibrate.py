@@ -2,20 +2,73 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from .layers import quantized_layers
 
+#: dict keys tried, in order, for a dict batch when no ``input_key`` is given
+INPUT_KEYS = ("input", "inputs", "images", "image", "x", "input_ids", "pixel_values")
+
+
+def batch_inputs(
+    batch: Any,
+    input_key: str | None = None,
+    batch_to_inputs: Callable[[Any], Any] | None = None,
+) -> tuple[Tensor, ...]:
+    """The model's positional inputs in one batch as PyTorch users hold it: a tensor; an
+    ``(inputs, labels, ...)`` tuple or list (its first item); a dict (its ``input_key`` item, by
+    default the first of :data:`INPUT_KEYS` present); or whatever ``batch_to_inputs(batch)``
+    returns (a tensor or a tuple of the model's arguments)."""
+    if batch_to_inputs is not None:
+        inputs = batch_to_inputs(batch)
+        inputs = inputs if isinstance(inputs, tuple) else (inputs,)
+    elif isinstance(batch, Tensor):
+        inputs = (batch,)
+    elif isinstance(batch, Mapping):
+        keys = [input_key] if input_key is not None else [k for k in INPUT_KEYS if k in batch]
+        if not keys or keys[0] not in batch:
+            wanted = (
+                repr(input_key) if input_key is not None else "none of " + ", ".join(INPUT_KEYS)
+            )
+            raise ValueError(
+                f"the dict batch has {wanted}; its keys are {', '.join(map(repr, batch))}: give "
+                f"input_key (one of those) or batch_to_inputs"
+            )
+        inputs = (batch[keys[0]],)
+    elif isinstance(batch, (tuple, list)) and batch:
+        return batch_inputs(batch[0], input_key, None)
+    else:
+        inputs = (batch,)
+    if not all(isinstance(item, Tensor) for item in inputs):
+        kinds = ", ".join(type(item).__name__ for item in inputs)
+        raise ValueError(
+            f"a batch gave model inputs of type {kinds}, not tensors; give tensors, (inputs, "
+            f"labels) pairs, dicts with input_key, or batch_to_inputs"
+        )
+    return inputs
+
 
 @torch.no_grad()
-def calibrate(model: nn.Module, batches: Iterable[Tensor], max_batches: int = 1) -> int:
-    """Run up to ``max_batches`` input batches through ``model`` in eval mode so that every
+def calibrate(
+    model: nn.Module,
+    batches: Iterable[Any],
+    max_batches: int = 1,
+    input_key: str | None = None,
+    batch_to_inputs: Callable[[Any], Any] | None = None,
+) -> int:
+    """Run up to ``max_batches`` batches through ``model`` in eval mode so that every
     quantized layer initialises its quantizers from real data (the released code does this on
     the first training batch). Batch-norm statistics are left untouched. Returns the number of
     batches used.
+
+    ``batches``: any iterable of input tensors, ``(inputs, labels)`` tuples or lists (a standard
+    ``DataLoader``), or dicts (the input under ``input_key``, by default ``input``, ``images``,
+    ``input_ids``, ...; see :func:`batch_inputs`); ``batch_to_inputs(batch)`` maps anything
+    else to the model's inputs.
     """
     was_training = model.training
     model.eval()
@@ -25,7 +78,8 @@ def calibrate(model: nn.Module, batches: Iterable[Tensor], max_batches: int = 1)
             if used >= max_batches:
                 break
             device = next(model.parameters()).device
-            model(batch.to(device))
+            inputs = batch_inputs(batch, input_key, batch_to_inputs)
+            model(*(item.to(device) for item in inputs))
             used += 1
     finally:
         model.train(was_training)

@@ -1,4 +1,4 @@
-"""Quantized twins of ``nn.Conv2d`` and ``nn.Linear``.
+"""Quantized twins of ``nn.Conv1d/2d/3d``, ``nn.ConvTranspose1d/2d`` and ``nn.Linear``.
 
 Each holds an optional weight quantizer and an optional input-activation quantizer, keeps the
 float layer's ``weight``/``bias`` parameters and their ``state_dict`` names, and computes exactly
@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import Quantizer
-from .batchnorm import AffineBatchNorm2d
+from .batchnorm import AffineBatchNorm
 from .deployed import deployed_weight
 from .float64_sums import Float64SumConv2d, conv2d_arguments
 from .integer_sums import (
@@ -183,6 +183,10 @@ class QuantizedLayer(nn.Module):
         """``x`` summed over each output's receptive field (the op with an all-ones kernel)."""
         raise NotImplementedError
 
+    def window_kernel(self) -> Tensor:
+        """The all-ones kernel of :meth:`_window_sums` (one output per group)."""
+        return window_kernel(self.weight)
+
     def integer_weight(self) -> IntegerWeight | None:
         """The deployed weight as ``codes * scale + offset`` (integer-valued float codes minus
         the zero point; scale and offset 0-d or per output channel), or ``None`` without an
@@ -199,8 +203,13 @@ class QuantizedLayer(nn.Module):
         return self._deployed_weight[3]
 
 
-class QuantConv2d(QuantizedLayer, nn.Conv2d):
-    """``nn.Conv2d`` with fake-quantized weight and input."""
+class _QuantConv(QuantizedLayer):
+    """Shared by the quantized convolutions: construction from the float layer (sharing its
+    parameters) and the window sums. ``float_type`` is the float layer type it twins."""
+
+    float_type: type[nn.Module] = nn.Conv2d
+    #: the weight's output-channel axis (1 for a transposed convolution: ``(in, out/groups, k)``)
+    output_axis = 0
 
     def __init__(
         self,
@@ -209,16 +218,14 @@ class QuantConv2d(QuantizedLayer, nn.Conv2d):
         act_quantizer: Quantizer | None = None,
         **kwargs,
     ) -> None:
-        nn.Conv2d.__init__(self, *args, **kwargs)
+        self.float_type.__init__(self, *args, **kwargs)
         self._init_quantizers(weight_quantizer, act_quantizer)
 
     @classmethod
-    def from_float(
-        cls, conv: nn.Conv2d, weight_quantizer: Quantizer | None, act_quantizer: Quantizer | None
-    ) -> QuantConv2d:
+    def from_float(cls, conv: nn.Module, weight_quantizer: Quantizer | None, act_quantizer: Quantizer | None):  # fmt: skip
         """Wrap an existing convolution, sharing its parameters (no copy)."""
         layer = cls(
-            **conv2d_arguments(conv),
+            **conv_arguments(conv),
             device="meta",
             weight_quantizer=weight_quantizer,
             act_quantizer=act_quantizer,
@@ -228,11 +235,84 @@ class QuantConv2d(QuantizedLayer, nn.Conv2d):
         return layer
 
     def _float_op(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        return self._conv_forward(x, weight, bias)
+        return self._conv_forward(x, weight, bias)  # type: ignore[attr-defined]
+
+    def window_kernel(self) -> Tensor:
+        return window_kernel(self.weight, self.groups)  # type: ignore[attr-defined]
 
     def _window_sums(self, x: Tensor) -> Tensor:
-        sums = self._conv_forward(x, window_kernel(self.weight, self.groups), None)
-        return expand_groups(sums, self.out_channels)
+        sums = self._float_op(x, self.window_kernel(), None)
+        return expand_groups(sums, self.out_channels)  # type: ignore[attr-defined]
+
+
+class QuantConv1d(_QuantConv, nn.Conv1d):
+    """``nn.Conv1d`` with fake-quantized weight and input."""
+
+    float_type = nn.Conv1d
+
+
+class QuantConv2d(_QuantConv, nn.Conv2d):
+    """``nn.Conv2d`` with fake-quantized weight and input."""
+
+    float_type = nn.Conv2d
+
+
+class QuantConv3d(_QuantConv, nn.Conv3d):
+    """``nn.Conv3d`` with fake-quantized weight and input."""
+
+    float_type = nn.Conv3d
+
+
+class _QuantConvTranspose(_QuantConv):
+    """A transposed convolution: its weight is ``(in, out / groups, *kernel)``, so a weight
+    quantized per output channel would need scales along axis 1; :func:`~sqakd.quant.prepare`
+    gives these layers per-tensor weight quantizers, whose integer sums factor exactly."""
+
+    output_axis = 1
+
+    def _float_op(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        return transposed_conv(self)(x, weight, bias)
+
+    def window_kernel(self) -> Tensor:
+        # one output channel per group: (in, 1, *kernel) with the layer's groups
+        return self.weight.new_ones((self.weight.shape[0], 1, *self.weight.shape[2:]))
+
+    def forward(self, x: Tensor, output_size: list[int] | None = None) -> Tensor:
+        if output_size is not None:
+            raise ValueError(
+                f"{type(self).__name__} takes no output_size once quantized; set the float "
+                f"layer's output_padding instead"
+            )
+        return QuantizedLayer.forward(self, x)
+
+
+class QuantConvTranspose1d(_QuantConvTranspose, nn.ConvTranspose1d):
+    """``nn.ConvTranspose1d`` with fake-quantized weight (per tensor) and input."""
+
+    float_type = nn.ConvTranspose1d
+
+
+class QuantConvTranspose2d(_QuantConvTranspose, nn.ConvTranspose2d):
+    """``nn.ConvTranspose2d`` with fake-quantized weight (per tensor) and input."""
+
+    float_type = nn.ConvTranspose2d
+
+
+def conv_arguments(conv: nn.Module) -> dict[str, object]:
+    """The constructor arguments that rebuild a convolution's (plain or transposed, any
+    dimension) shape and options."""
+    arguments = conv2d_arguments(conv)  # type: ignore[arg-type]
+    if isinstance(conv, nn.modules.conv._ConvTransposeNd):
+        arguments["output_padding"] = conv.output_padding
+    return arguments
+
+
+def transposed_conv(layer: nn.Module):  # type: ignore[no-untyped-def]
+    """``op(x, weight, bias)``: ``layer``'s transposed convolution with its options."""
+    function = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[layer.weight.dim() - 3]
+    stride, padding, output_padding = layer.stride, layer.padding, layer.output_padding
+    groups, dilation = layer.groups, layer.dilation
+    return lambda x, w, b: function(x, w, b, stride, padding, output_padding, groups, dilation)
 
 
 class QuantLinear(QuantizedLayer, nn.Linear):
@@ -269,14 +349,48 @@ class QuantLinear(QuantizedLayer, nn.Linear):
         return F.linear(x, weight, bias)
 
     def _window_sums(self, x: Tensor) -> Tensor:
-        return F.linear(x, window_kernel(self.weight))
+        return F.linear(x, self.window_kernel())
 
 
-#: float layer type -> its quantized twin; prepare() swaps exactly these
+#: float layer type -> its quantized twin; prepare() swaps these and their subclasses that
+#: keep the parent's forward (see :func:`twin_for`)
 QUANTIZED_TWINS: dict[type[nn.Module], type[QuantizedLayer]] = {
+    nn.Conv1d: QuantConv1d,
     nn.Conv2d: QuantConv2d,
+    nn.Conv3d: QuantConv3d,
+    nn.ConvTranspose1d: QuantConvTranspose1d,
+    nn.ConvTranspose2d: QuantConvTranspose2d,
     nn.Linear: QuantLinear,
 }
+
+#: methods a subclass must not override for its parent's quantized twin to compute what it does
+_FORWARD_METHODS = ("forward", "_conv_forward")
+
+
+def twin_for(module: nn.Module) -> tuple[type[QuantizedLayer] | None, str]:
+    """``(twin, "")`` for a layer prepare() can swap: one of :data:`QUANTIZED_TWINS`' float
+    types, or a subclass of one that keeps its parent's forward (timm-style subclasses that only
+    add a constructor); ``(None, reason)`` for a subclass with its own forward."""
+    if isinstance(module, (QuantizedLayer, Float64SumConv2d)):
+        return None, ""
+    for float_type, twin in QUANTIZED_TWINS.items():
+        if type(module) is float_type:
+            return twin, ""
+    for float_type, twin in QUANTIZED_TWINS.items():
+        if isinstance(module, float_type):
+            own = [
+                name
+                for name in _FORWARD_METHODS
+                if hasattr(float_type, name)
+                and getattr(type(module), name) is not getattr(float_type, name)
+            ]
+            if own:
+                return None, (
+                    f"subclass of nn.{float_type.__name__} with its own {own[0]}(), kept in float; "
+                    f"quantize it by giving it nn.{float_type.__name__}'s forward"
+                )
+            return twin, ""
+    return None, ""
 
 
 def quantized_layers(model: nn.Module) -> list[tuple[str, QuantizedLayer]]:
@@ -295,7 +409,7 @@ def set_quantization(model: nn.Module, enabled: bool) -> None:
     :class:`~sqakd.quant.float64_sums.Float64SumConv2d` with it (off = the float model,
     exactly)."""
     for module in model.modules():
-        if isinstance(module, (QuantizedLayer, AffineBatchNorm2d, Float64SumConv2d)):
+        if isinstance(module, (QuantizedLayer, AffineBatchNorm, Float64SumConv2d)):
             module.quantization_enabled = enabled
 
 

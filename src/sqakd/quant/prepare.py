@@ -3,23 +3,32 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
+import torch
 from torch import nn
 
 from .base import Quantizer
-from .batchnorm import AffineBatchNorm2d
+from .batchnorm import AFFINE_BATCHNORMS, AffineBatchNorm
 from .float64_sums import Float64SumConv2d, can_sum_in_float64
-from .layers import QUANTIZED_TWINS, QuantizedLayer, quantizers, set_compiled_kernels
+from .layers import QuantizedLayer, quantizers, set_compiled_kernels, twin_for
 from .policy import FLOAT_BITS, QuantPolicy
 from .registry import build_quantizer, quantizer_class
 
-#: the plan's ``kind`` of the layers prepare() can swap (``Conv2d``, ``Linear``)
-TWIN_KINDS = frozenset(t.__name__ for t in QUANTIZED_TWINS)
-
-#: layers that hold weights but have no quantized twin yet: left in float and listed
+#: normalisation layers hold weights but are not quantized (not listed as unsupported)
 _NORMALISATION = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+#: below this fraction of the weights quantized, prepare() warns and describe() says so on top
+SMALL_FRACTION = 0.25
+#: why a layer type without a twin stays in float, and what to do
+_UNSUPPORTED_REASONS: dict[type[nn.Module], str] = {
+    nn.MultiheadAttention: (
+        "nn.MultiheadAttention uses its projection weights directly, not through its Linear "
+        "modules; kept in float (write the attention with nn.Linear projections to quantize it)"
+    ),
+    nn.Embedding: "nn.Embedding is a lookup table; kept in float (its weights are not quantized)",
+}
 
 
 @dataclass(frozen=True)
@@ -35,6 +44,11 @@ class LayerPlan:
     act_bits: int
     note: str = ""
 
+    #: False for a layer with weights that prepare() cannot swap (kept in float, see ``note``)
+    supported: bool = True
+    #: number of weight values
+    weights: int = 0
+
     @property
     def quantized(self) -> bool:
         return self.weight_bits != FLOAT_BITS or self.act_bits != FLOAT_BITS
@@ -46,6 +60,35 @@ class QuantPlan(list[LayerPlan]):
     (``"compiled"``, ``"eager"``, or ``"mixed"``; ``None`` without quantizers)."""
 
     kernels: str | None = None
+
+    @property
+    def quantized_fraction(self) -> float:
+        """The fraction of the listed layers' weight values whose layer is quantized."""
+        total = sum(p.weights for p in self)
+        return sum(p.weights for p in self if p.quantized) / total if total else 0.0
+
+    def warning(self) -> str | None:
+        """One line when nothing or only a small fraction of the weights is quantized."""
+        if not any(p.quantized for p in self):
+            if any(p.supported for p in self):
+                return None  # the policy keeps every layer in float, as asked
+            kinds = sorted({p.kind for p in self if not p.supported})
+            found = f" (layers with weights: {', '.join(kinds)})" if kinds else ""
+            return (
+                f"no layer is quantized{found}; sqakd quantizes Conv1d/2d/3d, ConvTranspose1d/2d "
+                f"and Linear (see the notes column)"
+            )
+        fraction = self.quantized_fraction
+        if fraction < SMALL_FRACTION:
+            return (
+                f"only {fraction:.1%} of the weights are quantized; the rest stay in float (see "
+                f"the notes column; quant.first_last=8bit quantizes the first and last layers)"
+            )
+        return None
+
+    def unsupported(self) -> list[LayerPlan]:
+        """The layers with weights that stay in float because prepare() cannot swap them."""
+        return [p for p in self if not p.supported]
 
     def __str__(self) -> str:
         header = ("layer", "type", "shape", "method", "W bits", "A bits", "note")
@@ -64,6 +107,9 @@ class QuantPlan(list[LayerPlan]):
         widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
         lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
+        warning = self.warning()
+        if warning:
+            lines.insert(0, f"WARNING: {warning}")
         if self.kernels is not None:
             lines.append(f"quantizer kernels: {self.kernels}")
         return "\n".join(lines)
@@ -82,27 +128,60 @@ def _method_label(plan: LayerPlan) -> str:
     return f"W:{plan.weight_method} A:{plan.act_method}"
 
 
-def _is_unsupported(module: nn.Module) -> bool:
-    """A leaf layer with weights that prepare() cannot quantize (it is left in float)."""
-    if type(module) in QUANTIZED_TWINS or isinstance(
-        module, (QuantizedLayer, Quantizer, Float64SumConv2d, _NORMALISATION)
-    ):
-        return False
-    return any(True for _ in module.parameters(recurse=False))
+def _unsupported_reason(module: nn.Module) -> str | None:
+    """Why a leaf layer with weights stays in float (``None`` for layers prepare() handles and
+    for modules without weights of their own)."""
+    if isinstance(module, (QuantizedLayer, Quantizer, Float64SumConv2d, _NORMALISATION)):
+        return None
+    twin, reason = twin_for(module)
+    if twin is not None:
+        return None
+    if reason:
+        return reason
+    if not any(True for _ in module.parameters(recurse=False)):
+        return None
+    for kind, text in _UNSUPPORTED_REASONS.items():
+        if isinstance(module, kind):
+            return text
+    return "unsupported type, kept in float"
 
 
-def _unsupported_row(name: str, module: nn.Module) -> LayerPlan:
-    shape = tuple(getattr(module, "weight", next(module.parameters())).shape)
+def _unsupported_row(name: str, module: nn.Module, reason: str) -> LayerPlan:
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor):
+        weight = next(module.parameters())
     return LayerPlan(
         name,
         type(module).__name__,
-        shape,
+        tuple(weight.shape),
         None,
         None,
         FLOAT_BITS,
         FLOAT_BITS,
-        "unsupported type, kept in float",
+        reason,
+        supported=False,
+        weights=sum(p.numel() for p in module.parameters(recurse=False)),
     )
+
+
+def _inside_attention(model: nn.Module) -> set[str]:
+    """Modules inside an ``nn.MultiheadAttention`` (its ``out_proj`` is a Linear subclass that
+    the attention never calls as a module: swapping it would change nothing)."""
+    inside = set()
+    for name, module in model.named_modules():
+        if isinstance(module, nn.MultiheadAttention):
+            prefix = f"{name}." if name else ""
+            inside |= {prefix + child for child, _ in module.named_modules() if child}
+    return inside
+
+
+def _candidates(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    skipped = _inside_attention(model)
+    return [
+        (name, module)
+        for name, module in model.named_modules()
+        if name not in skipped and twin_for(module)[0] is not None
+    ]
 
 
 def plan(model: nn.Module, policy: QuantPolicy | None = None) -> QuantPlan:
@@ -110,26 +189,25 @@ def plan(model: nn.Module, policy: QuantPolicy | None = None) -> QuantPlan:
     policy = policy or QuantPolicy()
     for name in {policy.method, policy.weight_method, policy.act_method} - {None}:
         quantizer_class(name)  # unknown method -> ValueError listing the known ones
-    candidates = [(n, m) for n, m in model.named_modules() if type(m) in QUANTIZED_TWINS]
-    if not candidates:
-        raise ValueError(
-            "the model has no nn.Conv2d or nn.Linear layer to quantize; pass the float model itself"
-        )
+    candidates = _candidates(model)
     for pattern in policy.overrides:
         if not any(fnmatchcase(n, pattern) for n, _ in candidates):
+            shown = ", ".join(n for n, _ in candidates[:4]) or "none: no layer is quantizable"
             raise ValueError(
                 f"policy pattern {pattern!r} matches no quantizable layer; layer names are e.g. "
-                f"{', '.join(n for n, _ in candidates[:4])} (see sqakd.quant.plan(model))"
+                f"{shown} (see sqakd.quant.plan(model))"
             )
-    edges = {candidates[0][0], candidates[-1][0]}
+    edges = {candidates[0][0], candidates[-1][0]} if candidates else set()
+    chosen = {name for name, _ in candidates}
+    skipped = _inside_attention(model)
     result = QuantPlan()
     for name, module in model.named_modules():
-        if _is_unsupported(module):
-            result.append(_unsupported_row(name, module))
+        if name in chosen:
+            result.append(_layer_plan(name, module, policy, name in edges))
             continue
-        if type(module) not in QUANTIZED_TWINS:
-            continue
-        result.append(_layer_plan(name, module, policy, name in edges))
+        reason = None if name in skipped else _unsupported_reason(module)
+        if reason:
+            result.append(_unsupported_row(name, module, reason))
     return result
 
 
@@ -151,6 +229,9 @@ def _layer_plan(name: str, module: nn.Module, policy: QuantPolicy, is_edge: bool
         act_bits = override.act_bits if override.act_bits is not None else act_bits
     for method in (weight_method, act_method):
         quantizer_class(method)
+    transposed = isinstance(module, nn.modules.conv._ConvTransposeNd)
+    if transposed and weight_bits != FLOAT_BITS and policy.per_channel_weights:
+        note = "; ".join(filter(None, [note, "per-tensor weights (transposed convolution)"]))
     return LayerPlan(
         name,
         type(module).__name__,
@@ -160,6 +241,7 @@ def _layer_plan(name: str, module: nn.Module, policy: QuantPolicy, is_edge: bool
         weight_bits,
         act_bits,
         note,
+        weights=module.weight.numel(),
     )
 
 
@@ -187,25 +269,46 @@ def prepare(
     decisions = plan(model, policy)
     prepared = model if inplace else copy.deepcopy(model)
     for decision in decisions:
-        if not decision.quantized or decision.kind not in TWIN_KINDS:
+        if not decision.quantized or not decision.supported:
             continue
         float_layer = prepared.get_submodule(decision.name)
-        twin = QUANTIZED_TWINS[type(float_layer)]
-        weight_q = _make(decision.weight_method, decision.weight_bits, "weight", policy)
+        twin = twin_for(float_layer)[0]
+        assert twin is not None
+        per_channel = getattr(twin, "output_axis", 0) == 0
+        weight_q = _make(
+            decision.weight_method, decision.weight_bits, "weight", policy, per_channel
+        )
         act_q = _make(decision.act_method, decision.act_bits, "activation", policy)
-        layer = twin.from_float(float_layer, weight_q, act_q).to(float_layer.weight.device)
-        replace_module(prepared, decision.name, layer)
+        layer = twin.from_float(float_layer, weight_q, act_q)  # type: ignore[attr-defined]
+        replace_module(prepared, decision.name, layer.to(float_layer.weight.device))
+    notes = []
     if any(decision.quantized for decision in decisions):
-        _use_affine_batchnorm(prepared)
+        notes += _use_affine_batchnorm(prepared)
         _sum_float_first_layer_in_float64(prepared, decisions)
+    _warn(decisions, notes)
     set_compiled_kernels(prepared, compiled_kernels)
     return prepared
+
+
+def _warn(decisions: QuantPlan, notes: list[str]) -> None:
+    """One warning line per kind of problem: layers kept in float for lack of a twin, batch
+    norms left native, and nothing or a small fraction of the weights quantized."""
+    unsupported = decisions.unsupported()
+    if unsupported:
+        shown = "; ".join(f"{p.name} ({p.kind}): {p.note}" for p in unsupported[:4])
+        more = f"; and {len(unsupported) - 4} more" if len(unsupported) > 4 else ""
+        notes.insert(0, f"{len(unsupported)} layer(s) with weights stay in float: {shown}{more}")
+    warning = decisions.warning()
+    if warning:
+        notes.append(warning)
+    for note in notes:
+        warnings.warn(f"sqakd.prepare: {note}", UserWarning, stacklevel=3)
 
 
 def _sum_float_first_layer_in_float64(model: nn.Module, decisions: QuantPlan) -> None:
     """Swap the first layer, when the policy keeps it in float, for :class:`Float64SumConv2d`,
     whose inference an exported graph repeats bit for bit (see :mod:`sqakd.quant.float64_sums`)."""
-    first = next((d for d in decisions if d.kind in TWIN_KINDS), None)
+    first = next((d for d in decisions if d.supported), None)
     if first is None or first.quantized:
         return
     layer = model.get_submodule(first.name)
@@ -213,18 +316,35 @@ def _sum_float_first_layer_in_float64(model: nn.Module, decisions: QuantPlan) ->
         replace_module(model, first.name, Float64SumConv2d.from_float(layer))
 
 
-def _use_affine_batchnorm(model: nn.Module) -> None:
-    """Swap every ``nn.BatchNorm2d`` for :class:`AffineBatchNorm2d` (same parameters), whose
-    inference arithmetic the exported graph repeats exactly."""
+def _use_affine_batchnorm(model: nn.Module) -> list[str]:
+    """Swap every ``nn.BatchNorm1d/2d/3d``, and every subclass that keeps its parent's forward,
+    for its :class:`AffineBatchNorm` twin (same parameters), whose inference arithmetic the
+    exported graph repeats exactly. Returns one line naming the batch norms left as they are."""
+    kept = []
     for name, module in list(model.named_modules()):
-        if type(module) is nn.BatchNorm2d:
-            replace_module(model, name, AffineBatchNorm2d.from_float(module))
+        if isinstance(module, AffineBatchNorm):
+            continue
+        for float_type, twin in AFFINE_BATCHNORMS.items():
+            if not isinstance(module, float_type):
+                continue
+            if type(module).forward is float_type.forward:
+                replace_module(model, name, twin.from_float(module))
+            else:
+                kept.append(f"{name} ({type(module).__name__})")
+    if not kept:
+        return []
+    return [
+        f"batch norm(s) with their own forward kept as they are: {', '.join(kept[:4])}; they "
+        f"export as BatchNormalization, so ONNX Runtime may differ from PyTorch in the last bit"
+    ]
 
 
-def _make(method: str | None, bits: int, role: str, policy: QuantPolicy) -> Quantizer | None:
+def _make(
+    method: str | None, bits: int, role: str, policy: QuantPolicy, per_channel: bool = True
+) -> Quantizer | None:
     if method is None or bits == FLOAT_BITS:
         return None
-    per_channel = policy.per_channel_weights and role == "weight"
+    per_channel = per_channel and policy.per_channel_weights and role == "weight"
     role_options = policy.weight_options if role == "weight" else policy.act_options
     options = {**policy.method_options, **role_options}
     return build_quantizer(method, bits, role, per_channel=per_channel, **options)
@@ -238,41 +358,41 @@ def replace_module(model: nn.Module, name: str, layer: nn.Module) -> None:
 
 
 def describe(model: nn.Module) -> QuantPlan:
-    """The quantization table of a (prepared) model: every Conv2d/Linear and unsupported layer,
-    and how its quantizers run their kernels (``kernels``, the table's last line)."""
+    """The quantization table of a (prepared) model: every quantizable and unsupported layer,
+    and how its quantizers run their kernels (``kernels``, the table's last line); a first line
+    ``WARNING: ...`` when nothing or only a small fraction of the weights is quantized."""
     result = QuantPlan()
+    skipped = _inside_attention(model)
     modes = {q.compiled_kernels for _, q in quantizers(model)}
     if modes:
         result.kernels = "mixed" if len(modes) > 1 else "compiled" if modes.pop() else "eager"
     for name, module in model.named_modules():
         if isinstance(module, QuantizedLayer):
             wq, aq = module.weight_quantizer, module.act_quantizer
-            result.append(
-                LayerPlan(
-                    name,
-                    type(module).__name__,
-                    tuple(module.weight.shape),
-                    wq.method if wq else None,
-                    aq.method if aq else None,
-                    wq.bits if wq else FLOAT_BITS,
-                    aq.bits if aq else FLOAT_BITS,
-                )
+            row = LayerPlan(
+                name,
+                type(module).__name__,
+                tuple(module.weight.shape),
+                wq.method if wq else None,
+                aq.method if aq else None,
+                wq.bits if wq else FLOAT_BITS,
+                aq.bits if aq else FLOAT_BITS,
+                weights=module.weight.numel(),
             )
-        elif type(module) in QUANTIZED_TWINS or isinstance(module, Float64SumConv2d):
-            result.append(
-                LayerPlan(
-                    name,
-                    type(module).__name__,
-                    tuple(module.weight.shape),
-                    None,
-                    None,
-                    FLOAT_BITS,
-                    FLOAT_BITS,
-                    "float, summed in float64 in inference"
-                    if isinstance(module, Float64SumConv2d)
-                    else "float",
-                )
-            )
-        elif _is_unsupported(module):
-            result.append(_unsupported_row(name, module))
+        elif name not in skipped and (
+            twin_for(module)[0] is not None or isinstance(module, Float64SumConv2d)
+        ):
+            note = "float"
+            if isinstance(module, Float64SumConv2d):
+                note = "float, summed in float64 in inference"
+            shape = tuple(module.weight.shape)  # type: ignore[union-attr]
+            row = LayerPlan(
+                name, type(module).__name__, shape, None, None, FLOAT_BITS, FLOAT_BITS, note,
+                weights=module.weight.numel(),  # type: ignore[union-attr]
+            )  # fmt: skip
+        elif name not in skipped and (reason := _unsupported_reason(module)):
+            row = _unsupported_row(name, module, reason)
+        else:
+            continue
+        result.append(row)
     return result
