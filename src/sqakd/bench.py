@@ -562,6 +562,7 @@ def _comparable(config: Config) -> dict[str, Any]:
         tree["run"].pop(key, None)
     tree["data"].pop("mean", None)  # filled in from the data by the run itself
     tree["data"].pop("std", None)
+    tree["data"].pop("classes", None)
     tree["data"].pop("cache_dir", None)
     return tree
 
