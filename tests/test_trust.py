@@ -299,3 +299,93 @@ def test_weights_that_blow_up_without_nan_stop_the_run(tmp_path: Path):
     kept = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
     assert kept["epoch"] == 1  # the last good checkpoint
     assert all(torch.isfinite(v).all() and v.abs().max() < 100 for v in kept["student"].values())
+
+
+# ------------------------------------------------------------ every user mistake: one line
+def broken_teachers(teacher: Path, tmp_path: Path) -> dict[str, Path]:
+    from safetensors.torch import load_file, save_file
+
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(teacher.read_bytes()[: teacher.stat().st_size // 2])
+    state = load_file(str(teacher))
+    nan = tmp_path / "nan.safetensors"
+    save_file({k: torch.full_like(v, float("nan")) if v.is_floating_point() else v
+               for k, v in state.items()}, str(nan))  # fmt: skip
+    return {"truncated": truncated, "nan": nan, "folder": teacher.parent}
+
+
+MISTAKES = {
+    # name: (extra settings or a recipe's text, words the one line must hold)
+    "yaml syntax": ("recipe:run:\n  seed: [1\n", ["recipe.yaml", "line 3"]),
+    "boolean bits": (["quant.weight_bits=true"], ["quant.weight_bits", "boolean"]),
+    "negative threads": (["run.threads=-2"], ["run.threads"]),
+    "malformed device": (["run.device=cuda:x"], ["run.device"]),
+    "missing split": (["data.train_split=training"], ["data.train_split"]),
+    "teacher folder": (["teacher.checkpoint={folder}"], ["is a folder", "model.safetensors"]),
+    "truncated teacher": (["teacher.checkpoint={truncated}"], ["truncated.safetensors", "corrupt"]),
+    "nan teacher": (["teacher.checkpoint={nan}"], ["NaN", "nan.safetensors"]),
+    "resume nothing": (["--resume"], ["nothing to resume"]),
+}
+
+
+@pytest.mark.parametrize("name", list(MISTAKES))
+def test_every_user_mistake_is_one_line_and_touches_no_folder(
+    name: str, tree: Path, teacher: Path, w4_run: Path, tmp_path: Path
+):
+    given, words = MISTAKES[name]
+    teachers = {key: str(path) for key, path in broken_teachers(teacher, tmp_path).items()}
+    args = quantize_args(tree, teacher, tmp_path)
+    if isinstance(given, str):  # a recipe file
+        (tmp_path / "recipe.yaml").write_text(given.removeprefix("recipe:"))
+        args += ["-c", str(tmp_path / "recipe.yaml")]
+    else:
+        for value in given:
+            args += ["--resume"] if value == "--resume" else ["-s", value.format(**teachers)]
+    run = tmp_path / "run"
+    line = one_line_error(invoke(*args, "-o", run))
+    for word in words:
+        assert word in line, line
+    assert "with_labels" not in line and "data.split " not in line
+    assert not run.exists()  # nothing created
+    if name == "resume nothing":
+        return  # on a run folder, --resume has something to resume
+    existing = tmp_path / "existing"  # nor an earlier run changed
+    shutil.copytree(w4_run, existing)
+    before = snapshot(existing)
+    one_line_error(invoke(*args, "-o", existing, "--overwrite"))
+    assert snapshot(existing) == before
+
+
+def test_a_full_disk_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    import errno
+
+    from sqakd.cli import describe_os_error
+    from sqakd.engine import atomic_torch_save
+
+    def full(*args, **kwargs):  # what torch's zip writer says when the disk fills
+        raise RuntimeError(
+            "[enforce fail at inline_container.cc:778] . unexpected pos 95808 vs 95704"
+        )
+
+    (tmp_path / "last.pt").write_bytes(b"the previous checkpoint")
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(OSError) as caught:
+        atomic_torch_save({"x": torch.zeros(1)}, tmp_path / "last.pt")
+    assert caught.value.errno == errno.ENOSPC
+    assert "no space left" in describe_os_error(caught.value)
+    assert (tmp_path / "last.pt").read_bytes() == b"the previous checkpoint"
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary file left
+    denied = PermissionError(errno.EACCES, "Permission denied", "/runs/x/config.yaml")
+    assert "/runs/x/config.yaml" in describe_os_error(denied) and "-o" in describe_os_error(denied)
+
+
+def test_a_bug_is_labelled_as_one(monkeypatch: pytest.MonkeyPatch):
+    import sqakd.pipeline
+
+    def broken(*args, **kwargs):
+        raise KeyError("an internal slip")
+
+    monkeypatch.setattr(sqakd.pipeline, "evaluate_model", broken)
+    result = runner.invoke(app, ["eval", "--weights", "x.safetensors"])
+    assert isinstance(result.exception, KeyError)
+    assert "internal error: this is a bug in sqakd" in result.stderr
