@@ -389,3 +389,17 @@ def test_a_bug_is_labelled_as_one(monkeypatch: pytest.MonkeyPatch):
     result = runner.invoke(app, ["eval", "--weights", "x.safetensors"])
     assert isinstance(result.exception, KeyError)
     assert "internal error: this is a bug in sqakd" in result.stderr
+
+
+def test_an_unreadable_onnx_file_is_one_line(w4_run: Path, tmp_path: Path):
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"not an ONNX model")
+    line = one_line_error(invoke("verify", "--run", w4_run, "--onnx", broken))
+    assert "broken.onnx" in line
+
+
+def test_a_folder_given_as_a_file_is_named_as_a_folder(w4_run: Path):
+    line = one_line_error(invoke("eval", "--run", w4_run, "--weights", w4_run))
+    assert "is a folder" in line and "model.safetensors" in line
+    line = one_line_error(invoke("eval", "-c", w4_run, "--weights", w4_run / "model.safetensors"))
+    assert "is a folder" in line and "config.yaml" in line

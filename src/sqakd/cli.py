@@ -62,7 +62,9 @@ def one_line_errors(command: F) -> F:
             raise typer.Exit(130) from None
         except (typer.Exit, click.exceptions.ClickException, click.exceptions.Abort):
             raise
-        except Exception:
+        except Exception as error:
+            if type(error).__module__.split(".")[0] in FILE_FORMAT_LIBRARIES:
+                _fail(f"{error} ({type(error).__name__}); the file is corrupt or not of its kind")
             typer.echo(
                 "internal error: this is a bug in sqakd, not in your input; please report it "
                 "with the traceback below (the run's train.log holds what happened before)",
@@ -71,6 +73,10 @@ def one_line_errors(command: F) -> F:
             raise
 
     return wrapper  # type: ignore[return-value]
+
+
+#: libraries whose exceptions mean "this file cannot be read" (ONNX Runtime's load errors, ...)
+FILE_FORMAT_LIBRARIES = ("onnxruntime", "onnx", "safetensors", "google", "yaml")
 
 
 def _fail(message: str) -> None:

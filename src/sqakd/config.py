@@ -319,6 +319,10 @@ def load_config(
     tree: dict[str, Any] = dict(base or {})
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise ValueError(
+                f"config file {path} is a folder; give the YAML recipe (e.g. {path / 'config.yaml'})"
+            )
         if not path.is_file():
             raise ValueError(f"config file {path} does not exist; give the path to a YAML recipe")
         if path.stat().st_size > MAX_YAML_BYTES:
