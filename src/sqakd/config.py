@@ -408,7 +408,7 @@ def _describe(error: ValidationError) -> str:
             messages.append(
                 f"config key {location!r}: {item['msg']} (got {shorten(item.get('input'))})"
             )
-    return "; ".join(messages)
+    return "; ".join(message[: 2 * MAX_ECHO] for message in messages)
 
 
 def _suggest(location: tuple[Any, ...]) -> str:
