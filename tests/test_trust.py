@@ -403,3 +403,21 @@ def test_a_folder_given_as_a_file_is_named_as_a_folder(w4_run: Path):
     assert "is a folder" in line and "model.safetensors" in line
     line = one_line_error(invoke("eval", "-c", w4_run, "--weights", w4_run / "model.safetensors"))
     assert "is a folder" in line and "config.yaml" in line
+
+
+def test_a_loss_that_grows_by_orders_of_magnitude_stops_the_run(tmp_path: Path):
+    from torch import nn
+
+    from sqakd.config import MethodConfig, TrainConfig
+    from sqakd.engine import RunLog, Trainer, TrainingDiverged
+    from sqakd.methods import build_method
+
+    student = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+    batches = [(torch.randn(4, 3, 2, 2), torch.tensor([0, 1, 2, 0]))]
+    trainer = Trainer(student, None, build_method(MethodConfig(name="supervised")), batches,
+                      TrainConfig(epochs=2), torch.device("cpu"), RunLog(tmp_path, enabled=False),
+                      progress=False)  # fmt: skip
+    trainer.check_divergence(2.3)  # the first epoch sets the yardstick
+    trainer.check_divergence(50.0)  # worse, not diverged
+    with pytest.raises(TrainingDiverged, match="loss diverged"):
+        trainer.check_divergence(1e6)

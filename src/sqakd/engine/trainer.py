@@ -211,7 +211,8 @@ class Trainer:
         self.epoch_images = 0
         self.best_score = -math.inf
         self.result = FitResult()
-        self.reference_norm = self.weight_norm()  # the divergence guard's yardstick
+        self.reference_norm = self.weight_norm()  # the divergence guard's yardsticks
+        self.reference_loss: dict[str, float] = {}  # each phase's first epoch's mean loss
 
     # ----------------------------------------------------------------------------- phases
     def _trains(self, phase: Phase, group: str) -> bool:
@@ -282,19 +283,27 @@ class Trainer:
             squares = [p.detach().float().pow(2).sum() for p in self.student.parameters()]
             return float(torch.stack(squares).sum().sqrt()) if squares else 0.0
 
-    def check_divergence(self) -> None:
+    def check_divergence(self, epoch_loss: float | None = None) -> None:
         """Stop the run (as for a NaN loss) when the weights are no longer finite or their norm
-        grew more than :data:`DIVERGENCE_FACTOR` times: called before every checkpoint, so
-        the last checkpoint kept is the last good one."""
+        grew more than :data:`DIVERGENCE_FACTOR` times, or when an epoch's mean loss grew more
+        than ``10 * DIVERGENCE_FACTOR`` times the first epoch's of its phase (at least 1): called
+        before every checkpoint, so the last checkpoint kept is the last good one."""
         norm = self.weight_norm()
         limit = DIVERGENCE_FACTOR * max(self.reference_norm, 1e-12)
-        if math.isfinite(norm) and norm <= limit:
+        fix = "the last good checkpoint is kept. Lower train.weights.lr or set train.grad_clip (e.g. 5.0)"
+        if not (math.isfinite(norm) and norm <= limit):
+            raise TrainingDiverged(
+                f"the weights diverged at epoch {self.epoch + 1}, step {self.step}: their norm "
+                f"grew from {self.reference_norm:.3g} to {norm:.3g}; {fix}"
+            )
+        if epoch_loss is None:
             return
-        raise TrainingDiverged(
-            f"the weights diverged at epoch {self.epoch + 1}, step {self.step}: their norm grew "
-            f"from {self.reference_norm:.3g} to {norm:.3g}; the last good checkpoint is kept. "
-            "Lower train.weights.lr or set train.grad_clip (e.g. 5.0)"
-        )
+        first = self.reference_loss.setdefault(self.phase.name, epoch_loss)
+        if epoch_loss > 10 * DIVERGENCE_FACTOR * max(first, 1.0):
+            raise TrainingDiverged(
+                f"the loss diverged at epoch {self.epoch + 1}: its mean grew from "
+                f"{first:.3g} (the phase's first epoch) to {epoch_loss:.3g}; {fix}"
+            )
 
     def to_batch(self, item: Any) -> Batch:
         """A loader's item as a :class:`Batch` on the training device."""
@@ -429,7 +438,7 @@ class Trainer:
             if self.batch_in_epoch == 0 and self.epoch_hooks:
                 self.run_epoch_hooks()
             row.update(self.train_epoch())
-            self.check_divergence()
+            self.check_divergence(row.get("train_loss"))
             rates.append(row["images_per_s"])
             for name, optimizer in self.optimizers.items():
                 row[f"lr_{name}"] = optimizer.param_groups[0]["lr"]
@@ -511,6 +520,7 @@ class Trainer:
             "history": list(self.result.history),
             "world_size": self.context.world_size,
             "reference_norm": self.reference_norm,
+            "reference_loss": dict(self.reference_loss),
             "rng": gather_objects(capture_rng_state(), self.context),
         }
         if hasattr(self.train_loader, "state_dict"):
@@ -551,6 +561,7 @@ class Trainer:
         self.epoch_images = int(state.get("epoch_images", 0))
         self.best_score = float(state["best_score"])
         self.reference_norm = float(state.get("reference_norm", self.reference_norm))
+        self.reference_loss = {str(k): float(v) for k, v in state.get("reference_loss", {}).items()}
         self.result.best_epoch = int(state["best_epoch"])
         self.result.best = dict(state["best"])
         self.result.validation = dict(state.get("validation", {}))
