@@ -324,6 +324,7 @@ MISTAKES = {
     "teacher folder": (["teacher.checkpoint={folder}"], ["is a folder", "model.safetensors"]),
     "truncated teacher": (["teacher.checkpoint={truncated}"], ["truncated.safetensors", "corrupt"]),
     "nan teacher": (["teacher.checkpoint={nan}"], ["NaN", "nan.safetensors"]),
+    "unlabeled test split": (["data.test_format=unlabeled"], ["no labels", "data.test_split"]),
     "resume nothing": (["--resume"], ["nothing to resume"]),
 }
 
