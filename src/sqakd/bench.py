@@ -25,9 +25,7 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from .config import Config, merge, parse_override, set_dotted, validate_config
+from .config import Config, merge, parse_override, read_yaml, set_dotted, validate_config
 from .methods import method_class
 
 FAMILY_KEYS = ("family", "title", "source", "dataset", "base", "teacher", "cells")
@@ -249,7 +247,7 @@ def load_family(path: str | Path) -> Family:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"family file {path} does not exist; give a YAML file from configs/")
-    raw = yaml.safe_load(path.read_text()) or {}
+    raw = read_yaml(path.read_text(errors="replace"), f"family file {path}") or {}
     if not isinstance(raw, dict):
         raise ValueError(f"family file {path} must hold a mapping (family:, base:, cells: ...)")
     _check_keys(raw, FAMILY_KEYS, str(path))
@@ -417,10 +415,15 @@ def _quantizer_label(config: Config) -> str:
     return weights if weights == acts else f"{weights}/{acts}"
 
 
+def read_config_file(path: Path) -> Any:
+    """A run folder's config.yaml as a plain tree (bounded YAML: a folder may come from elsewhere)."""
+    return read_yaml(path.read_text(errors="replace"), str(path)) or {}
+
+
 def read_row(family: str, folder: Path, cell: str | None = None) -> BenchRow:
     """A table row from a finished run folder (its ``summary.json`` and ``config.yaml``)."""
     summary = json.loads((folder / "summary.json").read_text())
-    config = validate_config(yaml.safe_load((folder / "config.yaml").read_text()))
+    config = validate_config(read_config_file(folder / "config.yaml"))
     quantized = summary.get("weight_bits") is not None
     train_images = summary.get("train_images", config.data.limit_train)
     return BenchRow(
@@ -562,6 +565,7 @@ def _comparable(config: Config) -> dict[str, Any]:
         tree["run"].pop(key, None)
     tree["data"].pop("mean", None)  # filled in from the data by the run itself
     tree["data"].pop("std", None)
+    tree["data"].pop("classes", None)
     tree["data"].pop("cache_dir", None)
     return tree
 
@@ -585,7 +589,7 @@ def run_state(config: Config) -> str:
     folder = Path(config.run.output)
     if not (folder / "config.yaml").is_file():
         return "new"
-    earlier = validate_config(yaml.safe_load((folder / "config.yaml").read_text()))
+    earlier = validate_config(read_config_file(folder / "config.yaml"))
     difference = _first_difference(_comparable(earlier), _comparable(config))
     if difference:
         raise ValueError(

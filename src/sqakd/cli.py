@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
+import click
 import typer
 
 app = typer.Typer(
@@ -59,7 +60,10 @@ def _options(
 
 
 def one_line_errors(command: F) -> F:
-    """Turn the errors a user can fix into ``error: ...`` on stderr and exit code 2."""
+    """The CLI's one error boundary: every expected failure (a value or setting to fix, a missing
+    or unreadable file, an OS error such as a full disk or a read-only folder, a diverged run)
+    becomes one ``error: ...`` line on stderr and exit code 2; anything else is a bug, shown as
+    a traceback after a line saying so."""
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -67,16 +71,55 @@ def one_line_errors(command: F) -> F:
 
         try:
             return command(*args, **kwargs)
-        except (ValueError, FileNotFoundError, ImportError, TrainingDiverged) as error:
-            typer.echo(f"error: {error}", err=True)
-            raise typer.Exit(2) from None
+        except (ValueError, ImportError, TrainingDiverged) as error:
+            _fail(str(error))
+        except OSError as error:
+            _fail(describe_os_error(error))
         except KeyboardInterrupt:
             typer.echo(
                 "interrupted; the last checkpoint is kept (continue with --resume)", err=True
             )
             raise typer.Exit(130) from None
+        except (typer.Exit, click.exceptions.ClickException, click.exceptions.Abort):
+            raise
+        except Exception as error:
+            if type(error).__module__.split(".")[0] in FILE_FORMAT_LIBRARIES:
+                _fail(f"{error} ({type(error).__name__}); the file is corrupt or not of its kind")
+            typer.echo(
+                "internal error: this is a bug in sqakd, not in your input; please report it "
+                "with the traceback below (the run's train.log holds what happened before)",
+                err=True,
+            )
+            raise
 
     return wrapper  # type: ignore[return-value]
+
+
+#: libraries whose exceptions mean "this file cannot be read" (ONNX Runtime's load errors, ...)
+FILE_FORMAT_LIBRARIES = ("onnxruntime", "onnx", "safetensors", "google", "yaml")
+
+
+def _fail(message: str) -> None:
+    lines = [line for line in message.splitlines() if line.strip()] or ["failed"]
+    typer.echo(f"error: {lines[0][:2000]}", err=True)
+    raise typer.Exit(2) from None
+
+
+def describe_os_error(error: OSError) -> str:
+    """One line for an OS error, with the fix: no space left, no permission, no such file."""
+    import errno
+
+    where = f" ({error.filename})" if error.filename else ""
+    if error.errno == errno.ENOSPC:
+        return (
+            f"no space left on the device{where}; free some space and continue with --resume "
+            "(the last complete checkpoint is kept)"
+        )
+    if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"no permission to write or read{where}; choose a folder you can write (-o)"
+    if error.errno == errno.ENOENT:
+        return f"no such file or folder{where}"
+    return f"{error.strerror or error}{where}"
 
 
 def _config(
@@ -148,16 +191,42 @@ RunOption = Annotated[
 ]
 
 
+TrustOption = Annotated[
+    bool,
+    typer.Option(
+        "--trust-code",
+        help="allow the run folder's config.yaml to import Python code (model.name: "
+        "'module:function'); only for run folders you trust",
+    ),
+]
+
+
 def _run_inputs(
-    run: Path | None, config: Path | None, overrides: list[str] | None, weights: Path | None
+    run: Path | None,
+    config: Path | None,
+    overrides: list[str] | None,
+    weights: Path | None,
+    trust_code: bool = False,
 ):
-    """Config and weights from ``--run`` (its config.yaml, model.safetensors) unless given."""
+    """Config and weights from ``--run`` (its config.yaml, model.safetensors) unless given.
+
+    A run folder may come from someone else: its config.yaml never makes sqakd import code
+    (a ``module:function`` model) unless ``--trust-code`` is given."""
+    from_run = False
     if run is not None:
         if not run.is_dir():
             raise ValueError(f"run folder {run} not found; give the folder `sqakd quantize` wrote")
+        from_run = config is None
         config = config or run / "config.yaml"
         weights = weights or run / "model.safetensors"
-    return _config(config, overrides), weights
+    loaded = _config(config, overrides)
+    if from_run and ":" in loaded.model.name and not trust_code:
+        raise ValueError(
+            f"{run / 'config.yaml'} names Python code to import (model.name: "
+            f"{loaded.model.name[:200]!r}); a run folder's code runs with your rights, so it is "
+            "not imported unless you pass --trust-code (only for a folder you trust)"
+        )
+    return loaded, weights
 
 
 @app.command("eval")
@@ -167,11 +236,12 @@ def evaluate(
     set: SetOption = None,
     weights: WeightsOption = None,
     run: RunOption = None,
+    trust_code: TrustOption = False,
 ) -> None:
     """Top-1/top-5 of a float or quantized model on the test split."""
     from .pipeline import evaluate_model
 
-    metrics = evaluate_model(*_run_inputs(run, config, set, weights))
+    metrics = evaluate_model(*_run_inputs(run, config, set, weights, trust_code))
     typer.echo(json.dumps(metrics, indent=2))
 
 
@@ -198,6 +268,7 @@ def export(
             help="reshape the graph so that ONNX Runtime runs quantized layers as QLinearConv"
         ),
     ] = False,
+    trust_code: TrustOption = False,
 ) -> None:
     """Export a quantized run to ONNX (QuantizeLinear/DequantizeLinear) and packed weights."""
     from .deploy import ONNX_NAME, export_run
@@ -207,7 +278,7 @@ def export(
             raise ValueError("give --output FILE.onnx, or --run RUN_FOLDER to write into it")
         output = run / ONNX_NAME
     result = export_run(
-        *_run_inputs(run, config, set, weights),
+        *_run_inputs(run, config, set, weights, trust_code),
         output,
         packed,
         opset,
@@ -238,6 +309,7 @@ def verify(
         int | None,
         typer.Option(help="the logits' class axis (1; -1 for sequences); default method.class_dim"),
     ] = None,
+    trust_code: TrustOption = False,
 ) -> None:
     """ONNX Runtime against PyTorch on the test images; exits 1 when agreement is too low."""
     from .deploy import ONNX_NAME, verify_run
@@ -247,7 +319,12 @@ def verify(
             raise ValueError("give --onnx FILE.onnx, or --run RUN_FOLDER holding model.onnx")
         onnx = run / ONNX_NAME
     report = verify_run(
-        *_run_inputs(run, config, set, weights), onnx, threshold, per_layer, limit, class_dim
+        *_run_inputs(run, config, set, weights, trust_code),
+        onnx,
+        threshold,
+        per_layer,
+        limit,
+        class_dim,
     )
     typer.echo(str(report))
     if not report.passed:

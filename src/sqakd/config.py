@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import difflib
 import re
+import types
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -38,7 +40,7 @@ class RunConfig(Section):
     deterministic: bool = False
     tensorboard: bool = False
     progress: bool = True
-    threads: int | None = None
+    threads: int | None = Field(None, ge=1)
     sync_batchnorm: bool = False
     compile: bool | Literal["auto"] = "auto"
     channels_last: bool = False
@@ -46,7 +48,7 @@ class RunConfig(Section):
     @field_validator("device")
     @classmethod
     def _device(cls, value: str) -> str:
-        if value != "auto" and not value.startswith(("cpu", "cuda", "mps")):
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", value):
             raise ValueError(
                 f"device must be 'cpu', 'cuda', 'cuda:N', 'mps' or 'auto', got {value!r}"
             )
@@ -84,6 +86,7 @@ class DataConfig(Section):
     limit_train: int | None = Field(None, ge=1)
     limit_test: int | None = Field(None, ge=1)
     cache_dir: Path | None = None
+    classes: list[str] | None = None  # the training split's class names (recorded by a run)
 
 
 class ModelConfig(Section):
@@ -246,14 +249,82 @@ def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
+#: a recipe larger than this is refused before it is parsed (real recipes are a few kB)
+MAX_YAML_BYTES = 1_000_000
+#: nodes a YAML document may expand to once its aliases are followed ("billion laughs" guard)
+MAX_YAML_NODES = 100_000
+#: characters of user input an error message echoes
+MAX_ECHO = 200
+
+
+def shorten(value: Any, limit: int = MAX_ECHO) -> str:
+    """``repr(value)``, cut to ``limit`` characters (error messages never echo a whole file)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a document whose aliases expand past ``MAX_YAML_NODES``
+    nodes: the parsed tree shares aliased nodes, but validation and dumps would expand them."""
+
+    def compose_document(self) -> Any:
+        node = super().compose_document()
+        _expanded_size(node, {}, set())
+        return node
+
+
+def _expanded_size(node: Any, sizes: dict[int, int], active: set[int]) -> int:
+    """Nodes of ``node`` with every alias expanded (memoised per node, so this stays linear)."""
+    if id(node) in sizes:
+        return sizes[id(node)]
+    if id(node) in active:  # a recursive alias: its expansion is infinite
+        raise ValueError("the YAML document refers to itself through an alias (&/*)")
+    active.add(id(node))
+    size = 1
+    if isinstance(node, yaml.SequenceNode):
+        size += sum(_expanded_size(item, sizes, active) for item in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        size += sum(
+            _expanded_size(key, sizes, active) + _expanded_size(value, sizes, active)
+            for key, value in node.value
+        )
+    active.discard(id(node))
+    if size > MAX_YAML_NODES:
+        raise ValueError(
+            f"the YAML document expands to more than {MAX_YAML_NODES} values through its "
+            "aliases (&/*); write the values out or use fewer aliases"
+        )
+    sizes[id(node)] = size
+    return size
+
+
+def read_yaml(text: str, source: str) -> Any:
+    """Parse YAML with :class:`_BoundedLoader`; every failure is a ``ValueError`` naming
+    ``source`` (and the line, for a syntax error)."""
+    if len(text) > MAX_YAML_BYTES:
+        raise ValueError(
+            f"{source} is {len(text)} characters long; a recipe is at most {MAX_YAML_BYTES}"
+        )
+    try:
+        return yaml.load(text, Loader=_BoundedLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ValueError(f"{source} is not valid YAML{where}: {problem}") from None
+    except ValueError as error:
+        raise ValueError(f"{source}: {error}") from None
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """``"quant.weight_bits=2"`` -> ``("quant.weight_bits", 2)``; the value is read as YAML."""
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise ValueError(
-            f"override {text!r} must look like key.sub=value, e.g. quant.weight_bits=2"
+            f"override {shorten(text)} must look like key.sub=value, e.g. quant.weight_bits=2"
         )
-    return key.strip(), yaml.safe_load(raw) if raw.strip() else None
+    key = key.strip()
+    return key, read_yaml(raw, f"the value of override {key!r}") if raw.strip() else None
 
 
 def load_config(
@@ -265,9 +336,18 @@ def load_config(
     tree: dict[str, Any] = dict(base or {})
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise ValueError(
+                f"config file {path} is a folder; give the YAML recipe (e.g. {path / 'config.yaml'})"
+            )
         if not path.is_file():
             raise ValueError(f"config file {path} does not exist; give the path to a YAML recipe")
-        loaded = yaml.safe_load(path.read_text()) or {}
+        if path.stat().st_size > MAX_YAML_BYTES:
+            raise ValueError(
+                f"config file {path} is {path.stat().st_size} bytes; a recipe is at most "
+                f"{MAX_YAML_BYTES} (is it the right file?)"
+            )
+        loaded = read_yaml(path.read_text(errors="replace"), f"config file {path}") or {}
         if not isinstance(loaded, dict):
             raise ValueError(
                 f"config file {path} must hold a mapping of sections (run:, data:, ...)"
@@ -290,10 +370,43 @@ def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
 
 def validate_config(tree: dict[str, Any]) -> Config:
     """Validate a plain dict; errors name the dotted key and, for typos, the closest valid key."""
+    _refuse_booleans(Config, tree, "")
     try:
         return Config.model_validate(tree)
     except ValidationError as error:
         raise ValueError(_describe(error)) from None
+
+
+def _refuse_booleans(model: type[BaseModel], tree: Any, prefix: str) -> None:
+    """``quant.weight_bits: true`` is a mistake, not 1: a boolean given where a number belongs
+    is refused with the key's name (pydantic's lax mode would read it as 1 or 0)."""
+    if not isinstance(tree, dict):
+        return
+    for key, value in tree.items():
+        field = model.model_fields.get(str(key))
+        if field is None:
+            continue
+        kinds = _kinds(field.annotation)
+        if isinstance(value, bool) and bool not in kinds and kinds & {int, float}:
+            raise ValueError(
+                f"config key '{prefix}{key}' must be a number, got {value!r} (a boolean)"
+            )
+        for kind in kinds:
+            if isinstance(kind, type) and issubclass(kind, BaseModel):
+                _refuse_booleans(kind, value, f"{prefix}{key}.")
+        origin_args = typing.get_args(field.annotation)
+        if typing.get_origin(field.annotation) is dict and isinstance(value, dict):
+            inner = origin_args[1] if len(origin_args) == 2 else None
+            if isinstance(inner, type) and issubclass(inner, BaseModel):
+                for name, item in value.items():
+                    _refuse_booleans(inner, item, f"{prefix}{key}.{name}.")
+
+
+def _kinds(annotation: Any) -> set[Any]:
+    """The plain types of an annotation (``int | None`` -> ``{int, NoneType}``)."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return {kind for arg in typing.get_args(annotation) for kind in _kinds(arg)}
+    return {annotation}
 
 
 def _describe(error: ValidationError) -> str:
@@ -309,8 +422,10 @@ def _describe(error: ValidationError) -> str:
             else:
                 messages.append(f"config key {location!r}: {message}")
         else:
-            messages.append(f"config key {location!r}: {item['msg']} (got {item.get('input')!r})")
-    return "; ".join(messages)
+            messages.append(
+                f"config key {location!r}: {item['msg']} (got {shorten(item.get('input'))})"
+            )
+    return "; ".join(message[: 2 * MAX_ECHO] for message in messages)
 
 
 def _suggest(location: tuple[Any, ...]) -> str:
@@ -327,6 +442,48 @@ def _suggest(location: tuple[Any, ...]) -> str:
         if close
         else f"; valid keys: {', '.join(model.model_fields)}"
     )
+
+
+#: keys a ``--resume`` may change: they do not alter what is trained (where files go, how long,
+#: how it is shown, how fast it runs); every other key must match the run folder's config.yaml
+RESUME_MAY_CHANGE = (
+    "run.output", "run.overwrite", "run.device", "run.progress", "run.tensorboard", "run.threads",
+    "run.compile", "run.channels_last", "train.epochs", "train.checkpoint_every",
+    "train.checkpoint_every_steps", "data.cache_dir", "data.eval_batch_size", "data.limit_test",
+)  # fmt: skip
+
+
+#: keys a run fills in from its data (compared on --resume once both sides know them)
+RECORDED_BY_RUN = ("data.mean", "data.std", "data.classes")
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (lists and empty dicts are leaves)."""
+    if not isinstance(tree, dict) or not tree:
+        return {prefix[:-1]: tree} if prefix else {}
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        flat.update(flatten(value, f"{prefix}{key}."))
+    return flat
+
+
+def resume_conflicts(saved: Config, new: Config) -> list[str]:
+    """The keys (``key: saved -> new``) in which ``new`` would train something other than the
+    run ``saved`` describes; the keys of :data:`RESUME_MAY_CHANGE` are allowed to differ."""
+    old_keys = flatten(saved.model_dump(mode="json"))
+    new_keys = flatten(new.model_dump(mode="json"))
+    conflicts = []
+    for key in sorted(set(old_keys) | set(new_keys)):
+        if key.startswith(tuple(f"{allowed}." for allowed in RESUME_MAY_CHANGE)):
+            continue
+        if key in RESUME_MAY_CHANGE:
+            continue
+        before, after = old_keys.get(key), new_keys.get(key)
+        if key in RECORDED_BY_RUN and (before is None or after is None):
+            continue  # not known yet (before the data is read), or a run that did not record it
+        if before != after:
+            conflicts.append(f"{key}: {shorten(before, 60)} -> {shorten(after, 60)}")
+    return conflicts
 
 
 def dump_config(config: Config) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import platform
+import shutil
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -22,7 +23,17 @@ from torch import nn
 
 from . import data as datasets
 from . import models
-from .config import Config, DataConfig, MethodConfig, StudentConfig, dump_config
+from .config import (
+    Config,
+    DataConfig,
+    MethodConfig,
+    StudentConfig,
+    dump_config,
+    flatten,
+    read_yaml,
+    resume_conflicts,
+    validate_config,
+)
 from .engine import (
     FitResult,
     RunLog,
@@ -32,6 +43,7 @@ from .engine import (
     save_weights,
     seed_everything,
 )
+from .engine.checkpoint import read_weights_metadata
 from .engine.distributed import (
     SINGLE_PROCESS,
     DistributedContext,
@@ -56,7 +68,15 @@ from .quant import (
 from .quant.kernels import should_compile_kernels
 from .quant.methods.ewgs import EWGSDeltaSchedule
 
-RUN_MARKERS = ("config.yaml", "metrics.csv", "checkpoints", "summary.json")
+#: what shows that a folder holds a run worth keeping (a run that failed before the end of its
+#: first epoch has none of these: the next command replaces it without --overwrite)
+RUN_MARKERS = ("metrics.csv", "checkpoints", "summary.json", "model.safetensors")
+#: what a run and the commands on it write into the run folder (--overwrite removes all of it)
+RUN_FILES = (
+    "config.yaml", "train.log", "metrics.csv", "checkpoints", "summary.json", "model.safetensors",
+    "teacher.safetensors", "curves.png", "tensorboard", "model.onnx", "model.packed.safetensors",
+    "generated.png",
+)  # fmt: skip
 
 
 @dataclass
@@ -71,6 +91,7 @@ class DataBundle:
     num_classes: int | None
     in_channels: int
     image_size: tuple[int, int]
+    classes: list[str] | None = None
 
 
 @dataclass
@@ -123,13 +144,23 @@ def load_data(config: DataConfig, seed: int = 0, need_train: bool = True) -> Dat
     test = (
         read(config.test_split, config.test_format, config.test_root) if config.test_split else None
     )
-    if test is not None and config.limit_test:
-        test = _random_subset(test, config.limit_test, seed)
     train = read(config.train_split) if need_train else test
     if train is None:
         raise ValueError(
             "data.test_split is not set and no training split is read; set data.test_split"
         )
+    # class names come from the training split (or the run's record of them): every other split
+    # is labelled by name, so a split that lacks a class does not shift the others' labels
+    classes = config.classes or (train.classes if need_train else None)
+    if classes:
+        if need_train:
+            train = train.with_classes(classes, f"the training split {config.train_split!r}")
+        if test is not None:
+            test = test.with_classes(classes, f"the test split {config.test_split!r}")
+    if test is not None and config.limit_test:
+        test = _random_subset(test, config.limit_test, seed)
+    if not need_train:
+        train = test
     if config.mean is not None and config.std is not None:
         mean, std = tuple(config.mean), tuple(config.std)
     else:
@@ -142,8 +173,9 @@ def load_data(config: DataConfig, seed: int = 0, need_train: bool = True) -> Dat
     num_classes = train.num_classes or (test.num_classes if test is not None else None)
     height, width, channels = train.images.shape[1:4]
     return DataBundle(
-        train, val, test, tuple(mean), tuple(std), num_classes, channels, (height, width)
-    )
+        train, val, test, tuple(mean), tuple(std), num_classes, channels, (height, width),
+        list(classes) if classes else None,
+    )  # fmt: skip
 
 
 def _random_subset(images: datasets.ImageArray, count: int, seed: int) -> datasets.ImageArray:
@@ -210,6 +242,7 @@ def make_loaders(
     def evaluation(part: datasets.ImageArray | None) -> Any:
         if part is None:
             return None
+        require_labels(part)
         if world_size > 1:
             part = part.subset(list(range(rank, len(part), world_size)))
         return datasets.BatchLoader(
@@ -258,14 +291,27 @@ def load_teacher(
         raise ValueError(
             "this method needs a full-precision teacher; set teacher.checkpoint (train one with `sqakd train`)"
         )
+    path = Path(config.teacher.checkpoint)
+    if path.is_dir():
+        raise ValueError(
+            f"teacher.checkpoint {path} is a folder; give the weights file in it "
+            f"(e.g. {path / 'model.safetensors'})"
+        )
     teacher = build_network(config, bundle)
+    state = models.read_state_dict(path)  # unreadable or truncated: its own message
+    broken = [
+        key
+        for key, tensor in state.items()
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all()
+    ]
+    if broken:
+        raise ValueError(
+            f"teacher checkpoint {path} holds NaN or infinite values in {len(broken)} tensor(s) "
+            f"(e.g. {', '.join(broken[:3])}); the teacher diverged: train it again"
+        )
     try:
         models.load_weights(
-            teacher,
-            config.teacher.checkpoint,
-            key_map=config.teacher.key_map,
-            match=config.teacher.match,
-            log=log,
+            teacher, state, key_map=config.teacher.key_map, match=config.teacher.match, log=log
         )
     except ValueError as error:
         raise ValueError(
@@ -276,19 +322,73 @@ def load_teacher(
 
 
 # ------------------------------------------------------------------------------------ run folder
-def prepare_run_folder(config: Config, resume: bool = False) -> Path:
-    """Create the run folder; refuse to overwrite an earlier run unless asked to."""
+def holds_run(folder: Path) -> bool:
+    """Whether ``folder`` holds a run that trained (at least one epoch, or its results)."""
+    return folder.is_dir() and any((folder / marker).exists() for marker in RUN_MARKERS)
+
+
+def check_run_folder(config: Config, resume: bool = False) -> None:
+    """Everything about the run folder that can be refused, without touching it: an earlier run
+    without --overwrite or --resume; --resume with nothing to resume, or with settings that would
+    train something else than the saved config.yaml (the differing keys are listed)."""
     folder = Path(config.run.output)
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"run.output {folder} is a file, not a folder; choose another run.output")
-    earlier = folder.is_dir() and any((folder / marker).exists() for marker in RUN_MARKERS)
-    if earlier and not (config.run.overwrite or resume):
+    if resume:
+        saved_path = folder / "config.yaml"
+        if not saved_path.is_file():
+            raise ValueError(
+                f"nothing to resume in {folder} (it holds no run: no config.yaml); "
+                "run the same command without --resume to start one"
+            )
+        saved = read_yaml(saved_path.read_text(errors="replace"), f"the run's {saved_path}")
+        try:
+            earlier = validate_config(saved or {})
+        except ValueError as error:
+            raise ValueError(f"the run's {saved_path} cannot be resumed: {error}") from None
+        conflicts = resume_conflicts(earlier, config)
+        if conflicts:
+            raise ValueError(
+                f"--resume would train something other than the run in {folder}: "
+                f"{'; '.join(conflicts)}; resume with the run's settings (its config.yaml), "
+                "or start a new run (another run.output, or --overwrite)"
+            )
+        return
+    if holds_run(folder) and not config.run.overwrite:
         raise ValueError(
-            f"run folder {folder} already holds a run; pass --overwrite to replace it, --resume to continue it, "
-            "or choose another run.output"
+            f"run folder {folder} already holds a run; pass --overwrite to replace it, --resume "
+            "to continue it, or choose another run.output"
         )
+
+
+def remove_run_files(folder: Path) -> None:
+    """Delete what an earlier run wrote into ``folder`` (:data:`RUN_FILES`, any ``.onnx`` and
+    unfinished ``.tmp`` files); other files are left where they are."""
+    if not folder.is_dir():
+        return
+    for entry in folder.iterdir():
+        name = entry.name
+        if name in RUN_FILES or name.endswith((".onnx", ".tmp")):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+
+
+def prepare_run_folder(config: Config, resume: bool = False) -> Path:
+    """Create the run folder once everything else was checked: on --resume keep it as it is
+    (``config.yaml`` is written once, never rewritten); otherwise remove an earlier run's files
+    completely (--overwrite, or a run that failed before its first epoch ended) and write
+    ``config.yaml``."""
+    check_run_folder(config, resume)
+    folder = Path(config.run.output)
+    if resume:
+        return folder
+    remove_run_files(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.yaml").write_text(dump_config(config))
+    temp = folder / ".config.yaml.tmp"
+    temp.write_text(dump_config(config))
+    temp.replace(folder / "config.yaml")
     return folder
 
 
@@ -319,22 +419,26 @@ def run(config: Config, resume: bool = False) -> RunResult:
     rank 0 decodes the data first (filling the cache) and alone writes the run folder."""
     context, device_name = init_distributed(config.run.device)
     try:
+        run_on_main(lambda: check_run_folder(config, resume), context)  # before any work
         device = _setup(config, device_name)
         method = build_method(config.method)
         with main_process_first(context):
             bundle = load_data(
                 config.data, config.run.seed, need_train=method.needs.data == "train"
             )
-        # record the normalisation in the run's config.yaml so that eval and export reuse it exactly
-        config = config.model_copy(
-            update={"data": config.data.model_copy(update={"mean": bundle.mean, "std": bundle.std})}
+        # record the normalisation and class names in the run's config.yaml so that eval and
+        # export reuse them exactly
+        recorded = {"mean": bundle.mean, "std": bundle.std, "classes": bundle.classes}
+        config = config.model_copy(update={"data": config.data.model_copy(update=recorded)})
+        run_on_main(lambda: check_run_folder(config, resume), context)
+        # the folder is created (and train.log written) only once everything is built and checked
+        log = RunLog(
+            Path(config.run.output), config.run.tensorboard, enabled=context.is_main, defer=True
         )
-        folder = run_on_main(lambda: prepare_run_folder(config, resume), context)
-        log = RunLog(folder, tensorboard=config.run.tensorboard, enabled=context.is_main)
         if not context.is_main:
             log.logger.setLevel("WARNING")
         try:
-            return _run(config, method, bundle, folder, log, device, resume, context)
+            return _run(config, method, bundle, log, device, resume, context)
         finally:
             log.close()
     finally:
@@ -346,7 +450,6 @@ def _run(
     config: Config,
     method: Method,
     bundle: DataBundle,
-    folder: Path,
     log: RunLog,
     device: torch.device,
     resume: bool,
@@ -423,6 +526,8 @@ def _run(
         len(train_loader),
         device,
     )
+    folder = run_on_main(lambda: prepare_run_folder(config, resume), context)
+    log.open()
     trainer = Trainer(
         student,
         models.teacher,
@@ -439,10 +544,15 @@ def _run(
         sync_batchnorm=config.run.sync_batchnorm,
         channels_last=config.run.channels_last,
         epoch_hooks=quantizer_hooks(config),
+        weights_metadata=weights_metadata(config, needs),
     )
     last_checkpoint = folder / "checkpoints" / "last.pt"
     if resume and (last_checkpoint.exists() or last_checkpoint.with_name("last.pt.prev").exists()):
         trainer.resume(last_checkpoint)
+    elif resume:
+        log.info(
+            "no checkpoint in %s yet (stopped in its first epoch): starting at epoch 1", folder
+        )
     fit = trainer.fit() if config.train.epochs else FitResult(calibrated, dict(calibrated))
     result = _result(config, method, fit, teacher_metrics, student, folder)
     result.calibrated = calibrated
@@ -455,7 +565,7 @@ def _run(
             teacher_metrics.get("top1", float("nan")),
         )
     if context.is_main:  # one writer for the run folder
-        save_weights(student, folder / "model.safetensors")
+        save_weights(student, folder / "model.safetensors", weights_metadata(config, needs))
         if trained_teacher is not None:
             save_weights(trained_teacher, folder / "teacher.safetensors")
         (folder / "summary.json").write_text(json.dumps(asdict(result), indent=2))
@@ -648,19 +758,68 @@ def load_trained_model(
             "give the weights to load: --weights path (model.safetensors or a checkpoint) or "
             "--run RUN_FOLDER"
         )
+    if Path(path).is_dir():
+        raise ValueError(
+            f"{path} is a folder; give the weights file in it (model.safetensors), or the folder "
+            "with --run"
+        )
     state = models.read_state_dict(path)
     if any(key.endswith("_quantizer.initialized") for key in state):
+        check_quant_plan(path, config)
         compiled = should_compile_kernels(config.run.compile, device)
         network = prepare(network, config.quant, compiled_kernels=compiled)
     models.load_weights(network, state)
     return network.to(device).eval(), bundle, device
 
 
+#: the safetensors metadata key under which a run's weights record their quantization plan
+QUANT_PLAN_KEY = "sqakd.quant"
+
+
+def weights_metadata(config: Config, needs: Needs) -> dict[str, str]:
+    """What saved weights record about how to rebuild them: the quantization plan."""
+    if not needs.quantized_student:
+        return {}
+    return {QUANT_PLAN_KEY: json.dumps(config.quant.model_dump(mode="json"), sort_keys=True)}
+
+
+def check_quant_plan(path: str | Path, config: Config) -> None:
+    """Refuse to load weights under a quantization plan other than the one they were trained
+    with (W4A4 weights under a W2A2 config would silently compute another model)."""
+    recorded = read_weights_metadata(path).get(QUANT_PLAN_KEY)
+    if recorded is None:  # weights saved before plans were recorded, or by another tool
+        return
+    saved = flatten(json.loads(recorded), "quant.")
+    wanted = flatten(config.quant.model_dump(mode="json"), "quant.")
+    differences = [
+        f"{key}: {saved[key]!r} in the weights, {wanted[key]!r} in the config"
+        for key in sorted(set(saved) & set(wanted))
+        if saved[key] != wanted[key]
+    ]
+    if differences:
+        raise ValueError(
+            f"the weights {path} were trained with another quantization plan than the config "
+            f"gives ({'; '.join(differences)}); use the run's config.yaml (--run) or set those "
+            "quant keys to the weights' values"
+        )
+
+
 def evaluation_loader(bundle: DataBundle, config: Config, device: torch.device) -> Any:
     """The labeled test split, normalised like training, in evaluation batches."""
     if bundle.test is None:
         raise ValueError("this needs a labeled test split; set data.test_split")
+    require_labels(bundle.test)
     return ordered_loader(bundle.test, bundle, config, device)
+
+
+def require_labels(part: datasets.ImageArray) -> None:
+    """Evaluation scores predictions against labels: refuse an unlabeled test split clearly."""
+    if part.labels is None:
+        raise ValueError(
+            "the test split has no labels to score the model against; point data.test_split "
+            "(or data.test_root, data.test_format) at labeled images, e.g. class folders, or "
+            "set data.test_split=null to train without testing"
+        )
 
 
 def ordered_loader(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -99,9 +100,40 @@ class ImageArray:
         mask[held] = True
         return self.subset(np.flatnonzero(~mask)), self.subset(np.flatnonzero(mask))
 
+    def with_classes(self, classes: Sequence[str], what: str = "this split") -> ImageArray:
+        """The same images labelled by their class names' positions in ``classes`` (the training
+        split's): a split whose folders differ (one class missing) keeps every label right.
+
+        A class ``classes`` lacks is refused (the model has no output for it); a class missing
+        here is logged as a warning. Unlabeled images and images without class names are
+        returned unchanged."""
+        classes = [str(name) for name in classes]
+        if self.labels is None or self.classes is None or self.classes == classes:
+            return self
+        unknown = [name for name in self.classes if name not in classes]
+        if unknown:
+            raise ValueError(
+                f"{what} has class(es) the training split lacks: {_listed(unknown)}; the model "
+                f"knows only {_listed(classes)}; remove those folders or add them to the training split"
+            )
+        missing = [name for name in classes if name not in self.classes]
+        if missing:
+            logging.getLogger("sqakd").warning(
+                "%s has no images of class(es) %s; its labels follow the training split's classes",
+                what, _listed(missing),
+            )  # fmt: skip
+        position = {name: index for index, name in enumerate(classes)}
+        table = np.array([position[name] for name in self.classes], dtype=np.int64)
+        return ImageArray(self.images, table[self.labels], classes)
+
     def without_labels(self) -> ImageArray:
         """The same images with labels and class names dropped (for label-free training)."""
         return ImageArray(self.images)
+
+
+def _listed(names: Sequence[str], shown: int = 8) -> str:
+    text = ", ".join(repr(name) for name in names[:shown])
+    return text + (f" ... ({len(names) - shown} more)" if len(names) > shown else "")
 
 
 def _stratified_choice(labels: np.ndarray, total: int, rng: np.random.Generator) -> np.ndarray:

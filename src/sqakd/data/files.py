@@ -16,7 +16,9 @@ def is_image_file(name: str) -> bool:
 def require_directory(path: Path, what: str = "data folder") -> Path:
     """Return ``path`` if it is a directory, else raise a one-line ``ValueError``."""
     if not path.exists():
-        raise ValueError(f"{what} {path} does not exist; check data.root (and data.split)")
+        raise ValueError(
+            f"{what} {path} does not exist; check data.root (and data.train_split, data.test_split)"
+        )
     if not path.is_dir():
         raise ValueError(f"{what} {path} is not a folder; point data.root at a folder of images")
     return path
@@ -69,6 +71,6 @@ def split_directory(root: Path, split: str) -> Path:
     )
     if splits:
         raise ValueError(
-            f"{root} has no {split!r} folder (it has: {', '.join(splits)}); set data.split to one of them"
+            f"{root} has no {split!r} folder (it has: {', '.join(splits)}); set data.train_split or data.test_split to one of them"
         )
     return root

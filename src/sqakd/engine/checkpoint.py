@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import random
+import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -36,11 +39,30 @@ def atomic_torch_save(state: dict[str, Any], path: str | Path) -> Path:
         if path.exists():
             os.replace(path, path.with_name(path.name + ".prev"))
         os.replace(temp_name, path)
-    except BaseException:
+    except BaseException as error:
         Path(temp_name).unlink(missing_ok=True)
-        raise
+        raise _as_write_error(error, path) from None
     _fsync_folder(path.parent)
     return path
+
+
+#: below this much free space, a failed write is taken for a full disk
+LOW_SPACE_BYTES = 64 * 2**20
+
+
+def _as_write_error(error: BaseException, path: Path) -> BaseException:
+    """torch's and safetensors' writers report a full disk as ``unexpected pos ...`` or their
+    own error types: name it as the ``OSError`` it is (``ENOSPC``), so the user reads "no space
+    left on the device"; any other error is returned unchanged."""
+    if isinstance(error, OSError) or not isinstance(error, Exception):
+        return error
+    try:
+        low = shutil.disk_usage(path.parent).free < LOW_SPACE_BYTES
+    except OSError:
+        low = False
+    if low or "unexpected pos" in str(error) or "No space left" in str(error):
+        return OSError(errno.ENOSPC, "No space left on device", str(path))
+    return error
 
 
 def _fsync_folder(folder: Path) -> None:
@@ -86,15 +108,36 @@ def load_training_checkpoint(path: str | Path) -> tuple[dict[str, Any], Path]:
         return safe_torch_load(previous), previous
 
 
-def save_weights(model: nn.Module, path: str | Path) -> Path:
-    """The model's ``state_dict`` as safetensors (tensors only: loads anywhere without pickle)."""
+def save_weights(
+    model: nn.Module, path: str | Path, metadata: Mapping[str, str] | None = None
+) -> Path:
+    """The model's ``state_dict`` as safetensors (tensors only: loads anywhere without pickle),
+    with string ``metadata`` (e.g. the quantization plan it was trained with)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     temp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(temp))
-    os.replace(temp, path)
+    try:
+        save_file(tensors, str(temp), metadata=dict(metadata) if metadata else None)
+        os.replace(temp, path)
+    except Exception as error:
+        temp.unlink(missing_ok=True)
+        raise _as_write_error(error, path) from None
     return path
+
+
+def read_weights_metadata(path: str | Path) -> dict[str, str]:
+    """The string metadata of a ``.safetensors`` file (``{}`` for other files or none)."""
+    path = Path(path)
+    if path.suffix != ".safetensors" or not path.is_file():
+        return {}
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return dict(handle.metadata() or {})
+    except Exception:  # noqa: BLE001 - an unreadable file is reported by the weights' loader
+        return {}
 
 
 def load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:

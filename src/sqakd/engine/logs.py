@@ -34,22 +34,56 @@ def setup_console_logging(level: int = logging.INFO) -> logging.Logger:
     return logger
 
 
-class RunLog:
-    """Writes ``train.log`` and ``metrics.csv`` into the run folder (and TensorBoard events)."""
+class _Held(logging.Handler):
+    """Keeps records until the run folder exists (``RunLog(defer=True)``)."""
 
-    def __init__(self, folder: Path, tensorboard: bool = False, enabled: bool = True) -> None:
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+class RunLog:
+    """Writes ``train.log`` and ``metrics.csv`` into the run folder (and TensorBoard events).
+
+    With ``defer=True`` nothing is written (and the folder is not created) until :meth:`open`:
+    messages logged before are held and written to ``train.log`` then, so that a run that fails
+    while it is being set up leaves no folder behind."""
+
+    def __init__(
+        self, folder: Path, tensorboard: bool = False, enabled: bool = True, defer: bool = False
+    ) -> None:
         self.folder = folder
         self.enabled = enabled
+        self.tensorboard = tensorboard
         self.logger = setup_console_logging()
         self._file_handler: logging.Handler | None = None
+        self._held: _Held | None = None
         self._writer = None
         if not enabled:
             return
-        folder.mkdir(parents=True, exist_ok=True)
-        self._file_handler = logging.FileHandler(folder / "train.log")
+        if defer:
+            self._held = _Held()
+            self.logger.addHandler(self._held)
+        else:
+            self.open()
+
+    def open(self) -> None:
+        """Create the folder, start ``train.log`` (with any held messages) and TensorBoard."""
+        if not self.enabled or self._file_handler is not None:
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._file_handler = logging.FileHandler(self.folder / "train.log")
         self._file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        if self._held is not None:
+            self.logger.removeHandler(self._held)
+            for record in self._held.records:
+                self._file_handler.handle(record)
+            self._held = None
         self.logger.addHandler(self._file_handler)
-        if tensorboard:
+        if self.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
@@ -57,7 +91,7 @@ class RunLog:
                     "TensorBoard is not installed (pip install tensorboard); writing CSV only"
                 )
             else:
-                self._writer = SummaryWriter(str(folder / "tensorboard"))
+                self._writer = SummaryWriter(str(self.folder / "tensorboard"))
 
     def info(self, message: str, *args: Any) -> None:
         self.logger.info(message, *args)
@@ -107,6 +141,9 @@ class RunLog:
             writer.writerows(rows)
 
     def close(self) -> None:
+        if self._held is not None:
+            self.logger.removeHandler(self._held)
+            self._held = None
         if self._file_handler is not None:
             self.logger.removeHandler(self._file_handler)
             self._file_handler.close()

@@ -55,8 +55,13 @@ from .teacher import check_teacher_role
 CHECKPOINT_FORMAT = 2
 
 
+#: how many times the student's weight norm may grow over its value at the start of the run
+#: before the run is stopped as diverged (healthy runs stay within a few times)
+DIVERGENCE_FACTOR = 1e3
+
+
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; the last good checkpoint is kept."""
+    """The loss became NaN or infinite, or the weights blew up; the last good checkpoint is kept."""
 
 
 class EpochHook(Protocol):
@@ -137,6 +142,7 @@ class Trainer:
         sync_batchnorm: bool = False,
         channels_last: bool = False,
         epoch_hooks: Sequence[EpochHook] = (),
+        weights_metadata: Mapping[str, str] | None = None,
     ) -> None:
         self.context = distributed or SINGLE_PROCESS
         needs = method.needs
@@ -155,6 +161,7 @@ class Trainer:
         self.config, self.device, self.log = config, device, log
         self.checkpoint_dir = checkpoint_dir
         self.epoch_hooks = list(epoch_hooks)
+        self.weights_metadata = dict(weights_metadata or {})
         self.progress = progress and self.context.is_main
         self.steps_per_epoch = len(train_loader)
         if config.max_steps_per_epoch:
@@ -204,6 +211,8 @@ class Trainer:
         self.epoch_images = 0
         self.best_score = -math.inf
         self.result = FitResult()
+        self.reference_norm = self.weight_norm()  # the divergence guard's yardsticks
+        self.reference_loss: dict[str, float] = {}  # each phase's first epoch's mean loss
 
     # ----------------------------------------------------------------------------- phases
     def _trains(self, phase: Phase, group: str) -> bool:
@@ -267,6 +276,34 @@ class Trainer:
         for name in names:
             self.optimizers[name].step()
             self.schedulers[name].step()
+
+    def weight_norm(self) -> float:
+        """The L2 norm of all the student's parameters together."""
+        with torch.no_grad():
+            squares = [p.detach().float().pow(2).sum() for p in self.student.parameters()]
+            return float(torch.stack(squares).sum().sqrt()) if squares else 0.0
+
+    def check_divergence(self, epoch_loss: float | None = None) -> None:
+        """Stop the run (as for a NaN loss) when the weights are no longer finite or their norm
+        grew more than :data:`DIVERGENCE_FACTOR` times, or when an epoch's mean loss grew more
+        than ``10 * DIVERGENCE_FACTOR`` times the first epoch's of its phase (at least 1): called
+        before every checkpoint, so the last checkpoint kept is the last good one."""
+        norm = self.weight_norm()
+        limit = DIVERGENCE_FACTOR * max(self.reference_norm, 1e-12)
+        fix = "the last good checkpoint is kept. Lower train.weights.lr or set train.grad_clip (e.g. 5.0)"
+        if not (math.isfinite(norm) and norm <= limit):
+            raise TrainingDiverged(
+                f"the weights diverged at epoch {self.epoch + 1}, step {self.step}: their norm "
+                f"grew from {self.reference_norm:.3g} to {norm:.3g}; {fix}"
+            )
+        if epoch_loss is None:
+            return
+        first = self.reference_loss.setdefault(self.phase.name, epoch_loss)
+        if epoch_loss > 10 * DIVERGENCE_FACTOR * max(first, 1.0):
+            raise TrainingDiverged(
+                f"the loss diverged at epoch {self.epoch + 1}: its mean grew from "
+                f"{first:.3g} (the phase's first epoch) to {epoch_loss:.3g}; {fix}"
+            )
 
     def to_batch(self, item: Any) -> Batch:
         """A loader's item as a :class:`Batch` on the training device."""
@@ -344,6 +381,7 @@ class Trainer:
                 rate = images_now * self.context.world_size / (time.perf_counter() - start)
                 bar.set_postfix(loss=f"{values['loss']:.4f}", img_s=f"{rate:.0f}")
             if self._mid_epoch_checkpoint_due():
+                self.check_divergence()
                 self.save_checkpoint()
         bar.close()
         seconds = time.perf_counter() - start
@@ -406,6 +444,7 @@ class Trainer:
             if self.batch_in_epoch == 0 and self.epoch_hooks:
                 self.run_epoch_hooks()
             row.update(self.train_epoch())
+            self.check_divergence(row.get("train_loss"))
             rates.append(row["images_per_s"])
             for name, optimizer in self.optimizers.items():
                 row[f"lr_{name}"] = optimizer.param_groups[0]["lr"]
@@ -444,7 +483,9 @@ class Trainer:
             if self.epoch % self.config.checkpoint_every == 0 or self.epoch == self.config.epochs:
                 self.save_checkpoint()
             if improved and self.context.is_main:
-                save_weights(self.student, self.checkpoint_dir / "best.safetensors")
+                save_weights(
+                    self.student, self.checkpoint_dir / "best.safetensors", self.weights_metadata
+                )
 
     # ------------------------------------------------------------------------------- resume
     def save_checkpoint(self, path: Path | None = None) -> Path | None:
@@ -484,6 +525,8 @@ class Trainer:
             "validation": self.result.validation,
             "history": list(self.result.history),
             "world_size": self.context.world_size,
+            "reference_norm": self.reference_norm,
+            "reference_loss": dict(self.reference_loss),
             "rng": gather_objects(capture_rng_state(), self.context),
         }
         if hasattr(self.train_loader, "state_dict"):
@@ -523,6 +566,8 @@ class Trainer:
         self.epoch_sums = {k: float(v) for k, v in state.get("epoch_sums", {}).items()}
         self.epoch_images = int(state.get("epoch_images", 0))
         self.best_score = float(state["best_score"])
+        self.reference_norm = float(state.get("reference_norm", self.reference_norm))
+        self.reference_loss = {str(k): float(v) for k, v in state.get("reference_loss", {}).items()}
         self.result.best_epoch = int(state["best_epoch"])
         self.result.best = dict(state["best"])
         self.result.validation = dict(state.get("validation", {}))
