@@ -214,9 +214,10 @@ def make_loaders(
         train: Any = datasets.SizeOnlyBatches(batch_size, steps)
     else:
         if needs.labels and bundle.train.labels is None:
+            fix = needs.label_free_setting or "method.name=sqakd"
             raise ValueError(
                 "this method reads labels but the training images have none; give labeled data "
-                "(class folders) or choose a label-free method or option (e.g. method.name=sqakd)"
+                f"(class folders) or set {fix} (label-free)"
             )
         augment = datasets.BatchAugment(
             pad=data.augment.crop_padding, flip=data.augment.flip, mean=bundle.mean, std=bundle.std

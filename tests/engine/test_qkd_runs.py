@@ -91,6 +91,8 @@ def test_label_free_qkd_never_reads_a_training_label(
 def test_labeled_qkd_on_unlabeled_training_images_is_refused(tmp_path, image_tree, teacher_weights):
     settings = tiny_settings(image_tree, teacher_weights, tmp_path / "refused",
                              "data.format=unlabeled", "data.test_format=folder")  # fmt: skip
-    with pytest.raises(ValueError, match="reads labels but the training images have none") as error:
+    with pytest.raises(
+        ValueError, match="training images have none.*set method.labels=false"
+    ) as error:
         pipeline.run(load_config(None, settings))
     assert "\n" not in str(error.value)

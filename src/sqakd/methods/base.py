@@ -57,6 +57,9 @@ class Needs:
     quantized_student: bool = True
     sample_index: bool = False
     find_unused_parameters: bool = False
+    #: the setting that makes a labeled method read no label (``method.labels=false``), named in
+    #: the error when the training images have no labels
+    label_free_setting: str = ""
 
     def __post_init__(self) -> None:
         if self.teacher not in TEACHER_ROLES:

@@ -78,7 +78,11 @@ class FAQD(Method):
 
     @property
     def needs(self) -> Needs:  # type: ignore[override]
-        return Needs(labels=self.options.label_weight > 0, teacher="features")
+        return Needs(
+            labels=self.options.label_weight > 0,
+            teacher="features",
+            label_free_setting="method.label_weight=0",
+        )
 
     def setup(self, models: Models, shapes: DataShapes) -> None:
         cfg = self.options

@@ -139,6 +139,7 @@ class FeatureKD(Method):
             labels=self.options.labels,
             teacher="features",
             sample_index=any(feature_loss_class(n).needs_index for n in self.weights),
+            label_free_setting="method.labels=false",
         )
 
     def two_stage(self) -> tuple[str, type[FeatureLoss], int] | None:

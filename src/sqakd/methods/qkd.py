@@ -118,7 +118,11 @@ class QKD(Method):
 
     @property
     def needs(self) -> Needs:  # type: ignore[override]
-        return Needs(labels=self.options.labels, teacher="trainable")
+        return Needs(
+            labels=self.options.labels,
+            teacher="trainable",
+            label_free_setting="method.labels=false",
+        )
 
     # ------------------------------------------------------------------------ the run's shape
     def phase_epochs(self, epochs: int) -> tuple[int, int, int]:

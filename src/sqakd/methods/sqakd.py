@@ -69,7 +69,9 @@ class SQAKD(Method):
 
     @property
     def needs(self) -> Needs:  # type: ignore[override]
-        return Needs(labels=self.options.gamma > 0, teacher="logits")
+        return Needs(
+            labels=self.options.gamma > 0, teacher="logits", label_free_setting="method.gamma=0"
+        )
 
     def losses(self, models: Models, batch: Batch, phase: Phase) -> dict[str, Tensor]:
         assert models.teacher is not None and batch.images is not None
