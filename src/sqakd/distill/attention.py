@@ -39,12 +39,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Literal
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._features import check_maps, matching_taps, pool_to_common
-from .feature_registry import FeatureLoss, register_feature_loss
+from ._features import check_maps, pool_to_common
+from .feature_registry import TapwiseLoss, register_feature_loss
 
 Reduction = Literal["sum", "mean"]
 
@@ -127,21 +126,11 @@ def attention_transfer_loss(student_map: Tensor, teacher_map: Tensor) -> Tensor:
 
 
 @register_feature_loss("at")
-class AttentionTransfer(FeatureLoss):
+class AttentionTransfer(TapwiseLoss):
     """:func:`attention_transfer_loss` summed over taps (released weight 1000, stage outputs)."""
 
     weight = 1000.0
     reads = "stages"
 
-    def forward(
-        self,
-        student_features: Mapping[str, Tensor],
-        teacher_features: Mapping[str, Tensor],
-        *,
-        index: Tensor | None = None,
-        labels: Tensor | None = None,
-    ) -> Tensor:
-        taps = matching_taps(student_features, teacher_features)
-        return torch.stack(
-            [attention_transfer_loss(student_features[k], teacher_features[k]) for k in taps]
-        ).sum()
+    def pair(self, student_map: Tensor, teacher_map: Tensor) -> Tensor:
+        return attention_transfer_loss(student_map, teacher_map)

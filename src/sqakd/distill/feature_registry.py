@@ -31,7 +31,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, TypeVar
 
+import torch
 from torch import Tensor, nn
+
+from ._features import matching_taps
 
 Reads = Literal["stages", "last", "middle", "chain", "embedding", "logits"]
 READS: tuple[str, ...] = ("stages", "last", "middle", "chain", "embedding", "logits")
@@ -105,6 +108,27 @@ class FeatureLoss(nn.Module):
 
     def after_update(self) -> None:
         """Apply state staged by the last ``forward`` (called after each optimizer step)."""
+
+
+class TapwiseLoss(FeatureLoss):
+    """A feature loss that is the sum over taps of one function of each (student map, teacher
+    map) pair: a subclass writes only :meth:`pair`."""
+
+    def pair(self, student_map: Tensor, teacher_map: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def forward(
+        self,
+        student_features: Mapping[str, Tensor],
+        teacher_features: Mapping[str, Tensor],
+        *,
+        index: Tensor | None = None,
+        labels: Tensor | None = None,
+    ) -> Tensor:
+        taps = matching_taps(student_features, teacher_features)
+        return torch.stack(
+            [self.pair(student_features[k], teacher_features[k]) for k in taps]
+        ).sum()
 
 
 FeatureLossClass = TypeVar("FeatureLossClass", bound=type[FeatureLoss])

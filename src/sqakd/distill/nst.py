@@ -17,14 +17,11 @@ kernels). Reads every stage output; weight 50.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._features import check_maps, matching_taps, pool_to_common
-from .feature_registry import FeatureLoss, register_feature_loss
+from ._features import check_maps, pool_to_common
+from .feature_registry import TapwiseLoss, register_feature_loss
 
 
 def polynomial_kernel(x: Tensor, y: Tensor) -> Tensor:
@@ -46,19 +43,11 @@ def nst_loss(student_map: Tensor, teacher_map: Tensor) -> Tensor:
 
 
 @register_feature_loss("nst")
-class NeuronSelectivityTransfer(FeatureLoss):
+class NeuronSelectivityTransfer(TapwiseLoss):
     """:func:`nst_loss` summed over taps (released weight 50, stage outputs)."""
 
     weight = 50.0
     reads = "stages"
 
-    def forward(
-        self,
-        student_features: Mapping[str, Tensor],
-        teacher_features: Mapping[str, Tensor],
-        *,
-        index: Tensor | None = None,
-        labels: Tensor | None = None,
-    ) -> Tensor:
-        taps = matching_taps(student_features, teacher_features)
-        return torch.stack([nst_loss(student_features[k], teacher_features[k]) for k in taps]).sum()
+    def pair(self, student_map: Tensor, teacher_map: Tensor) -> Tensor:
+        return nst_loss(student_map, teacher_map)

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._features import check_maps, matching_taps, storage_names
-from .feature_registry import BuildContext, FeatureLoss, Shapes, register_feature_loss
+from .feature_registry import BuildContext, FeatureLoss, Shapes, TapwiseLoss, register_feature_loss
 
 
 # ----------------------------------------------------------------------------------------- SP
@@ -54,17 +54,14 @@ def similarity_preserving_loss(student_map: Tensor, teacher_map: Tensor) -> Tens
 
 
 @register_feature_loss("sp")
-class SimilarityPreserving(FeatureLoss):
+class SimilarityPreserving(TapwiseLoss):
     """:func:`similarity_preserving_loss` summed over taps (weight 3000, the last stage)."""
 
     weight = 3000.0
     reads = "last"
 
-    def forward(self, student_features, teacher_features, *, index=None, labels=None) -> Tensor:
-        taps = matching_taps(student_features, teacher_features)
-        return torch.stack(
-            [similarity_preserving_loss(student_features[k], teacher_features[k]) for k in taps]
-        ).sum()
+    def pair(self, student_map: Tensor, teacher_map: Tensor) -> Tensor:
+        return similarity_preserving_loss(student_map, teacher_map)
 
 
 # ---------------------------------------------------------------------------------------- RKD
@@ -103,7 +100,7 @@ def rkd_loss(
 
 
 @register_feature_loss("rkd")
-class RelationalKD(FeatureLoss):
+class RelationalKD(TapwiseLoss):
     """:func:`rkd_loss` summed over taps (weight 1; distance 25, angle 50; the embedding)."""
 
     weight = 1.0
@@ -114,19 +111,10 @@ class RelationalKD(FeatureLoss):
         super().__init__()
         self.distance_weight, self.angle_weight = distance_weight, angle_weight
 
-    def forward(self, student_features, teacher_features, *, index=None, labels=None) -> Tensor:
-        taps = matching_taps(student_features, teacher_features)
-        return torch.stack(
-            [
-                rkd_loss(
-                    student_features[k].flatten(1),
-                    teacher_features[k].flatten(1),
-                    self.distance_weight,
-                    self.angle_weight,
-                )
-                for k in taps
-            ]
-        ).sum()
+    def pair(self, student_map: Tensor, teacher_map: Tensor) -> Tensor:
+        return rkd_loss(
+            student_map.flatten(1), teacher_map.flatten(1), self.distance_weight, self.angle_weight
+        )
 
 
 # ----------------------------------------------------------------------------------------- CC
