@@ -72,6 +72,7 @@ def worker(rank: int, world_size: int, store: str, folder: str) -> None:
         adapter = train(rank, world_size, Path(folder))
         torch.save({"grads": [p.grad for p in grads], "adapter": adapter},
                    os.path.join(folder, f"rank{rank}.pt"))  # fmt: skip
+        dist.barrier()  # neither rank closes its sockets while the other still reads from them
     finally:
         dist.destroy_process_group()
 
