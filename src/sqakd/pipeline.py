@@ -588,12 +588,8 @@ def _rounded(values: Iterable[float]) -> str:
 
 
 def as_batches(loader: Iterable[Any]) -> Iterator[Batch]:
-    """A training loader's items as :class:`~sqakd.methods.Batch` (images and size only)."""
-    for item in loader:
-        if isinstance(item, int):  # a data-free loader's batch: only its size
-            yield Batch(None, size=item)
-        else:
-            yield Batch(item[0], size=int(item[0].shape[0]))
+    """A training loader's items as :class:`~sqakd.methods.Batch` (:meth:`Batch.of`)."""
+    return (Batch.of(item) for item in loader)
 
 
 def data_shapes(config: Config, bundle: DataBundle, needs: Needs) -> DataShapes:

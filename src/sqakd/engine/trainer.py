@@ -306,21 +306,8 @@ class Trainer:
             )
 
     def to_batch(self, item: Any) -> Batch:
-        """A loader's item as a :class:`Batch` on the training device."""
-        if isinstance(item, Batch):
-            batch = item
-        elif isinstance(item, int):  # a data-free loader's batch: only its size
-            batch = Batch(None, size=item)
-        elif isinstance(item, Tensor):  # bare images (a label-free method needs no more)
-            batch = Batch(item, None, None, int(item.shape[0]))
-        elif isinstance(item, Mapping):  # a dict batch: images and labels under common keys
-            batch = Batch.from_dict(item)
-        elif isinstance(item, (tuple, list)) and len(item) == 1:
-            batch = Batch(item[0], None, None, int(item[0].shape[0]))
-        else:
-            images, labels, *rest = item
-            index = rest[0] if rest else None
-            batch = Batch(images, labels, index, 0 if images is None else int(images.shape[0]))
+        """A loader's item (:meth:`Batch.of`) as a :class:`Batch` on the training device."""
+        batch = Batch.of(item)
         images = batch.images
         if images is not None:
             images = images.to(self.device, non_blocking=True)

@@ -111,6 +111,25 @@ class Batch:
         images = item[key]
         return cls(images, labels, item.get("index"), int(images.shape[0]))
 
+    @classmethod
+    def of(cls, item: Any) -> Batch:
+        """A loader's item as a batch: a :class:`Batch`; an ``int`` (a data-free loader's batch:
+        only its size); bare images; a dict (:meth:`from_dict`); ``(images,)``;
+        ``(images, labels)``; or ``(images, labels, index)``."""
+        if isinstance(item, Batch):
+            return item
+        if isinstance(item, int):
+            return cls(None, size=item)
+        if isinstance(item, Tensor):
+            return cls(item, size=int(item.shape[0]))
+        if isinstance(item, Mapping):
+            return cls.from_dict(item)
+        if isinstance(item, (tuple, list)) and len(item) == 1:
+            return cls(item[0], size=int(item[0].shape[0]))
+        images, labels, *rest = item
+        index = rest[0] if rest else None
+        return cls(images, labels, index, 0 if images is None else int(images.shape[0]))
+
 
 @dataclass
 class Models:
