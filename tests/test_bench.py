@@ -168,6 +168,28 @@ def test_cell_configuration_layers_base_group_cell_budget_and_overrides(tmp_path
     assert config.train.epochs == 4 and config.method.alpha == 2.0  # --set wins over everything
 
 
+def test_a_method_override_reaches_only_the_cells_whose_method_has_it(tmp_path: Path) -> None:
+    family = load_family(
+        write_family(
+            tmp_path / "toy.yaml", "- {quantizers: [lsq], bits: [2], methods: [qat, sqakd]}\n"
+        )
+    )
+    qat, sqakd = family.cells
+    budget = Budget(overrides=["method.temperature=2"])
+    bench._check_method_overrides(family.cells, budget.overrides)  # sqakd has it: accepted
+    config = cell_config(family, sqakd, tmp_path / "out", tmp_path / "t.safetensors", budget)
+    assert config.method.temperature == 2.0
+    config = cell_config(family, qat, tmp_path / "out", tmp_path / "t.safetensors", budget)
+    assert config.method.name == "qat" and not hasattr(config.method, "temperature")
+    assert teacher_config(family, tmp_path / "out", budget).method.name == "supervised"
+    with pytest.raises(
+        ValueError, match=r"-s method.temprature: no chosen cell's method \(qat, sqakd\)"
+    ):
+        bench._check_method_overrides(family.cells, ["method.temprature=2"])
+    with pytest.raises(ValueError, match="no chosen cell's method"):
+        bench._check_method_overrides([qat], budget.overrides)
+
+
 def test_teacher_configuration_merges_the_teacher_section_over_base(tmp_path: Path) -> None:
     family = load_family(
         write_family(tmp_path / "toy.yaml", "- {quantizers: [ewgs], bits: [4], methods: [qat]}\n")

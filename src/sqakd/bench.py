@@ -302,10 +302,12 @@ class Budget:
 
 
 def _build(tree: dict[str, Any], overrides: Sequence[str]) -> Config:
+    """Apply the caller's overrides, then keep the method keys the run's method has (a
+    ``-s method.X`` meant for other cells' methods does not reach this one), then validate."""
     tree = copy.deepcopy(tree)
     for text in overrides:
         set_dotted(tree, *parse_override(text))
-    return validate_config(tree)
+    return validate_config(_only_options_of(tree))
 
 
 def _budget_tree(budget: Budget, epochs: int | None, limit: int | None) -> dict[str, Any]:
@@ -329,7 +331,7 @@ def teacher_config(family: Family, output: Path, budget: Budget | None = None) -
     tree = merge(_expand_tree(family.base), _expand_tree(family.teacher))
     # the method train_teacher runs, so that a rerun recognises the teacher's folder as done
     identity = {"run.output": str(output / TEACHER_FOLDER), "method.name": "supervised"}
-    tree = _only_options_of(merge(tree, _nested(identity)))
+    tree = merge(tree, _nested(identity))
     tree = merge(tree, _budget_tree(budget, budget.teacher_epochs, budget.teacher_limit_train))
     return _build(tree, [*budget.overrides, *budget.teacher_overrides])
 
@@ -352,9 +354,34 @@ def cell_config(
         "teacher.checkpoint": str(teacher_checkpoint),
         "run.output": str(output / cell.name),
     }
-    tree = _only_options_of(merge(tree, _nested(identity)))
+    tree = merge(tree, _nested(identity))
     tree = merge(tree, _budget_tree(budget, budget.epochs, budget.limit_train))
     return _build(tree, budget.overrides)
+
+
+def _check_method_overrides(cells: Sequence[Cell], overrides: Sequence[str]) -> None:
+    """A ``-s method.X=...`` applies to the cells whose method has option X; one that no chosen
+    cell's method has is a typo or the wrong cells, refused instead of silently dropped."""
+    options: set[str] = set()
+    for cell in cells:
+        try:
+            options |= set(method_class(cell.method).Options.model_fields)
+        except ValueError:
+            continue
+    for text in overrides:
+        key, _ = parse_override(text)
+        parts = key.split(".")
+        if (
+            parts[0] == "method"
+            and len(parts) > 1
+            and parts[1] != "name"
+            and parts[1] not in options
+        ):
+            methods = sorted({cell.method for cell in cells})
+            raise ValueError(
+                f"-s {key}: no chosen cell's method ({', '.join(methods)}) has option "
+                f"{parts[1]!r}; check the key or choose cells with --cells"
+            )
 
 
 def require_data(config: Config, dataset: DatasetSpec) -> None:
@@ -678,6 +705,7 @@ def run_bench(
         overrides=list(overrides or []),
         teacher_overrides=list(teacher_overrides or []),
     )
+    _check_method_overrides(chosen, budget.overrides)
     configs = {
         cell.name: cell_config(family, cell, output, Path("teacher"), budget) for cell in chosen
     }
