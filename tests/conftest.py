@@ -66,3 +66,15 @@ def fit_until():
             trainer.fit()
 
     return run
+
+
+@pytest.fixture(autouse=True)
+def sqakd_logger_propagates():
+    """A command's console logging stops the ``sqakd`` logger propagating; each test starts with
+    it propagating again so that ``caplog`` sees its records whatever ran before."""
+    import logging
+
+    logger = logging.getLogger("sqakd")
+    logger.propagate = True
+    yield
+    logger.propagate = True

@@ -338,20 +338,24 @@ def demo(
     data: Annotated[Path, typer.Option(help="folder with the Fashion-MNIST IDX .gz files")] = Path(
         "/usr/share/datasets/fashion-mnist"
     ),
-    teacher_epochs: int = 4,
-    epochs: Annotated[
-        int, typer.Option(help="QAT epochs per student (same budget for every student)")
-    ] = 1,
+    teacher_epochs: int = 6,
+    steps: Annotated[
+        int, typer.Option(help="optimizer steps per student (the same for every student)")
+    ] = 240,
+    labeled_fraction: Annotated[
+        float, typer.Option(help="the labeled share of the training images (stratified)")
+    ] = 0.01,
     limit: Annotated[
         int | None, typer.Option(help="use only this many training images (quick look)")
     ] = None,
     overwrite: OverwriteOption = False,
     device: str = "cpu",
 ) -> None:
-    """Teacher, label-free SQAKD at W4A4 and W2A2, and a labeled QAT baseline, on Fashion-MNIST."""
+    """Many images, few labels: labeled QAT on a small labeled fraction and on every label
+    against label-free SQAKD on every image, at W4A4 and W2A2, on Fashion-MNIST."""
     from .demo import run_demo
 
-    run_demo(output, data, teacher_epochs, epochs, limit, overwrite, device)
+    run_demo(output, data, teacher_epochs, steps, labeled_fraction, limit, overwrite, device)
 
 
 @app.command()

@@ -77,6 +77,8 @@ class DataConfig(Section):
     test_format: str | None = None
     test_root: Path | None = None
     resize: tuple[int, int] | None = None
+    # a data-free run without data.root: the teacher's input size (channels: len(data.mean))
+    image_size: tuple[int, int] | None = None
     val_fraction: float = Field(0.0, ge=0.0, lt=1.0)
     batch_size: int = Field(128, ge=1)
     eval_batch_size: int = Field(256, ge=1)
@@ -84,6 +86,7 @@ class DataConfig(Section):
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
     limit_train: int | None = Field(None, ge=1)
+    stratified_limit: bool = False  # limit_train draws each class in proportion to its size
     limit_test: int | None = Field(None, ge=1)
     cache_dir: Path | None = None
     classes: list[str] | None = None  # the training split's class names (recorded by a run)
@@ -152,6 +155,7 @@ class TrainConfig(Section):
     calibration_batches: int = Field(1, ge=1)
     max_steps_per_epoch: int | None = Field(None, ge=1)
     checkpoint_every: int = Field(1, ge=1)
+    eval_every: int = Field(1, ge=1)  # evaluate every N epochs (and always after the last)
     checkpoint_every_steps: int | None = Field(None, ge=1)
     ewgs_delta_every_epochs: int | None = Field(None, ge=1)
     ewgs_delta_batches: int = Field(3, ge=1)

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -125,9 +126,13 @@ class RunResult:
 def load_data(config: DataConfig, seed: int = 0, need_train: bool = True) -> DataBundle:
     """Decode (or read from cache) the train/test splits and derive normalisation statistics."""
     if config.root is None:
+        if not need_train and config.image_size is not None:
+            return _shapes_only(config)
         raise ValueError(
             "data.root is not set; point it at your image folder (e.g. data.root=/path/to/cifar10)"
-        )
+            + ("" if need_train else "; or, with no images at all, set data.image_size, data.mean "
+               "and data.std (the teacher's input size and normalisation)")
+        )  # fmt: skip
 
     def read(
         split: str, format: str | None = None, root: Path | None = None
@@ -166,7 +171,11 @@ def load_data(config: DataConfig, seed: int = 0, need_train: bool = True) -> Dat
     else:
         mean, std = datasets.channel_stats(train)  # from the full training split, before any limit
     if config.limit_train and need_train:
-        train = _random_subset(train, config.limit_train, seed)
+        train = (
+            train.stratified_subset(config.limit_train, seed)
+            if config.stratified_limit
+            else _random_subset(train, config.limit_train, seed)
+        )
     val = None
     if config.val_fraction > 0 and need_train:
         train, val = train.split(config.val_fraction, seed)
@@ -175,6 +184,28 @@ def load_data(config: DataConfig, seed: int = 0, need_train: bool = True) -> Dat
     return DataBundle(
         train, val, test, tuple(mean), tuple(std), num_classes, channels, (height, width),
         list(classes) if classes else None,
+    )  # fmt: skip
+
+
+def _shapes_only(config: DataConfig) -> DataBundle:
+    """A data-free run with no images at all: the input's shape and normalisation from the
+    configuration (channels: one per ``data.mean`` value); nothing to evaluate on."""
+    if config.mean is None or config.std is None:
+        raise ValueError(
+            "a run without data.root needs the teacher's normalisation to record for export and "
+            "evaluation: set data.mean and data.std (the values the teacher was trained with)"
+        )
+    if len(config.mean) != len(config.std):
+        raise ValueError(
+            f"data.mean has {len(config.mean)} values and data.std {len(config.std)}; give one "
+            "per input channel in each"
+        )
+    height, width = config.image_size or (0, 0)
+    channels = len(config.mean)
+    empty = datasets.ImageArray(np.zeros((0, height, width, channels), dtype=np.uint8))
+    return DataBundle(
+        empty, None, None, tuple(config.mean), tuple(config.std), None, channels,
+        (height, width), config.classes,
     )  # fmt: skip
 
 
@@ -573,13 +604,16 @@ def _run(
         plot_history(
             fit.history, folder / "curves.png", title=f"{config.method.name} {_bits_label(result)}"
         )
-    log.info(
-        "done: last top-1 %.2f %%, best top-1 %.2f %% (epoch %d); files in %s",
-        fit.last.get("top1", float("nan")),
-        fit.best.get("top1", float("nan")),
-        fit.best_epoch,
-        folder,
-    )
+    if "top1" in fit.last:
+        log.info(
+            "done: last top-1 %.2f %%, best top-1 %.2f %% (epoch %d); files in %s",
+            fit.last["top1"], fit.best.get("top1", float("nan")), fit.best_epoch, folder,
+        )  # fmt: skip
+    else:
+        log.info(
+            "done: no test images, so no accuracy (set data.root to evaluate, or run `sqakd eval "
+            "--run %s -s data.root=DIR`); files in %s", folder, folder,
+        )  # fmt: skip
     return result
 
 

@@ -58,3 +58,29 @@ def test_an_akt_run_never_touches_the_training_split(
     with pytest.raises(ValueError, match="warmup_epochs is 4"):
         pipeline.run(load_config(None, [*settings[:-2], "method.warmup_epochs=4",
                                         f"run.output={tmp_path / 'again'}"]))  # fmt: skip
+
+
+def test_an_akt_run_needs_only_the_teacher_checkpoint(tmp_path, teacher_weights, monkeypatch):
+    def no_images(*args, **options):
+        raise AssertionError("a run without data.root read images")
+
+    monkeypatch.setattr(datasets, "load_images", no_images)
+    settings = [
+        "data.image_size=[8, 8]", "data.mean=[0.5, 0.5, 0.5]", "data.std=[0.25, 0.25, 0.25]",
+        "data.batch_size=4", "model.name=small_cnn", "model.kwargs={width: 8}",
+        "model.num_classes=2", f"teacher.checkpoint={teacher_weights}", "method.name=akt",
+        "method.warmup_epochs=1", "quant.method=minmax", "train.epochs=2",
+        "train.max_steps_per_epoch=2", "run.progress=false", "run.compile=false",
+    ]  # fmt: skip
+    result = pipeline.run(load_config(None, [*settings, f"run.output={tmp_path / 'run'}"]))
+    assert result.last == {} and result.labels_used is False
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "data-free (no training images read)" in log and "no test images, so no accuracy" in log
+    assert (tmp_path / "run" / "model.safetensors").is_file()
+    recorded = load_config(tmp_path / "run" / "config.yaml").data
+    assert recorded.mean == (0.5, 0.5, 0.5) and recorded.image_size == (8, 8)
+    with pytest.raises(ValueError, match="set data.mean and data.std"):
+        pipeline.run(load_config(None, [*settings, "data.mean=null",
+                                        f"run.output={tmp_path / 'again'}"]))  # fmt: skip
+    with pytest.raises(ValueError, match="or, with no images at all, set data.image_size"):
+        pipeline.run(load_config(None, [*settings[3:], f"run.output={tmp_path / 'other'}"]))

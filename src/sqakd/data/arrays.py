@@ -100,6 +100,19 @@ class ImageArray:
         mask[held] = True
         return self.subset(np.flatnonzero(~mask)), self.subset(np.flatnonzero(mask))
 
+    def stratified_subset(self, count: int, seed: int = 0) -> ImageArray:
+        """``count`` images, each class in proportion to its size (largest-remainder rounding),
+        in their original order; the choice depends only on ``seed``. Needs labels."""
+        if self.labels is None:
+            raise ValueError(
+                "a stratified subset needs labels and these images have none; set "
+                "data.stratified_limit: false"
+            )
+        if count >= len(self):
+            return self
+        chosen = _stratified_choice(self.labels, count, np.random.default_rng(seed))
+        return self.subset(np.sort(chosen))
+
     def with_classes(self, classes: Sequence[str], what: str = "this split") -> ImageArray:
         """The same images labelled by their class names' positions in ``classes`` (the training
         split's): a split whose folders differ (one class missing) keeps every label right.

@@ -435,10 +435,11 @@ class Trainer:
             rates.append(row["images_per_s"])
             for name, optimizer in self.optimizers.items():
                 row[f"lr_{name}"] = optimizer.param_groups[0]["lr"]
-            if self.val_loader is not None:
-                row.update({f"val_{k}": v for k, v in self.evaluate(self.val_loader).items()})
-            if self.eval_loader is not None:
-                row.update({f"test_{k}": v for k, v in self.evaluate(self.eval_loader).items()})
+            if self._evaluates_after(self.epoch + 1):
+                if self.val_loader is not None:
+                    row.update({f"val_{k}": v for k, v in self.evaluate(self.val_loader).items()})
+                if self.eval_loader is not None:
+                    row.update({f"test_{k}": v for k, v in self.evaluate(self.eval_loader).items()})
             self.epoch += 1
             self.batch_in_epoch, self.epoch_sums, self.epoch_images = 0, {}, 0
             self._record(row)
@@ -446,12 +447,19 @@ class Trainer:
         self.result.images_per_second = sum(rates) / len(rates) if rates else 0.0
         return self.result
 
+    def _evaluates_after(self, epoch: int) -> bool:
+        """Whether the run measures the student after ``epoch`` (1-based): every
+        ``train.eval_every`` epochs and always after the last."""
+        return epoch % self.config.eval_every == 0 or epoch == self.config.epochs
+
     def _record(self, row: dict[str, Any]) -> None:
         self.result.history.append(row)
-        self.result.last = {k[5:]: v for k, v in row.items() if k.startswith("test_")}
+        evaluated = self._evaluates_after(self.epoch)
+        if evaluated:
+            self.result.last = {k[5:]: v for k, v in row.items() if k.startswith("test_")}
         validation = {k[4:]: v for k, v in row.items() if k.startswith("val_")}
         score = validation.get("top1", self.result.last.get("top1", -row.get("train_loss", 0.0)))
-        improved = score > self.best_score
+        improved = evaluated and score > self.best_score
         if improved:
             self.best_score = score
             self.result.best = dict(self.result.last)
