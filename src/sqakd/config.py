@@ -104,6 +104,8 @@ class DataConfig(Section):
     limit_test: int | None = Field(None, ge=1)
     cache_dir: Path | None = None
     classes: list[str] | None = None  # the training split's class names (recorded by a run)
+    #: training batches made ahead in a background thread while a step runs (0: none)
+    prefetch_batches: int = Field(1, ge=0, le=4)
 
 
 class ModelConfig(Section):
@@ -467,6 +469,7 @@ RESUME_MAY_CHANGE = (
     "run.output", "run.overwrite", "run.device", "run.progress", "run.tensorboard", "run.threads",
     "run.compile", "run.channels_last", "train.epochs", "train.checkpoint_every",
     "train.checkpoint_every_steps", "data.cache_dir", "data.eval_batch_size", "data.limit_test",
+    "data.prefetch_batches",
 )  # fmt: skip
 
 

@@ -234,6 +234,7 @@ def make_loaders(
             with_labels=needs.labels,
             shard=shard,
             with_index=needs.sample_index,
+            prefetch=data.prefetch_batches,
         )
     if len(train) == 0:
         raise ValueError(
