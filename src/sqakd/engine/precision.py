@@ -8,11 +8,15 @@
   underflow without one).
 
 What stays float32 whatever the setting: the quantizers' arithmetic (scale, divide, round,
-clamp: :mod:`sqakd.quant.base` says why), the losses (logits are upcast before the KL, see
-:func:`sqakd.distill.kl.kd_kl_divergence`), the backward pass's accumulation into the float32
+clamp: :mod:`sqakd.quant.base` says why), the logit losses (logits are upcast before the
+softmax, see :func:`sqakd.distill.kl.kd_kl_divergence`; autocast keeps cross-entropy and MSE in
+float32 itself), the backward pass's accumulation into the float32
 weights, the optimizer steps, evaluation (the deployed integer arithmetic) and the epoch hooks
-(EWGS's curvature estimate). The weights and quantizer ranges are float32 throughout: autocast
-casts a copy for each op, so a checkpoint is the same kind of file at any precision.
+(EWGS's curvature estimate), and a teacher's cached logits (``teacher.cache_outputs``: computed
+once, before training). The weights and quantizer ranges are float32 throughout: autocast
+casts a copy for each op, so a checkpoint is the same kind of file at any precision. Not
+upcast: feature losses (FAQD's affinity, the distillation zoo, AKT's RFD and batch-norm
+statistics), whose products run in bfloat16 like the student's.
 """
 
 from __future__ import annotations

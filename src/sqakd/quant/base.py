@@ -168,7 +168,8 @@ class Quantizer(nn.Module):
         if torch.is_autocast_enabled(x.device.type):
             with torch.autocast(x.device.type, enabled=False):
                 return self._forward(x.float() if x.dtype in REDUCED_FLOATS else x)
-        refuse_reduced_floats(x.dtype, f"the input of a {self.method!r} quantizer")
+        if x.dtype in REDUCED_FLOATS:  # (no message built on the hot path)
+            refuse_reduced_floats(x.dtype, f"the input of a {self.method!r} quantizer")
         return self._forward(x)
 
     def _forward(self, x: Tensor) -> Tensor:
