@@ -19,6 +19,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -31,7 +32,11 @@ class Section(BaseModel):
 
 
 class RunConfig(Section):
-    """Where the run's files go and how it runs."""
+    """Where the run's files go and how it runs (precision bf16: autocast, quantizers float32).
+
+    ``precision``: ``bf16`` runs each training step under ``torch.autocast`` (teacher and student
+    forwards in bfloat16; quantizer rounding, losses, gradients, weights and evaluation in
+    float32); ``fp16`` likewise with float16 and a gradient scaler, on CUDA only."""
 
     output: Path = Path("runs/run")
     overwrite: bool = False
@@ -44,6 +49,7 @@ class RunConfig(Section):
     sync_batchnorm: bool = False
     compile: bool | Literal["auto"] = "auto"
     channels_last: bool = False
+    precision: Literal["float32", "bf16", "fp16"] = "float32"
 
     @field_validator("device")
     @classmethod
@@ -51,6 +57,17 @@ class RunConfig(Section):
         if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", value):
             raise ValueError(
                 f"device must be 'cpu', 'cuda', 'cuda:N', 'mps' or 'auto', got {value!r}"
+            )
+        return value
+
+    @field_validator("precision")
+    @classmethod
+    def _fp16_on_cuda(cls, value: str, info: ValidationInfo) -> str:
+        device = info.data.get("device")
+        if value == "fp16" and device in ("cpu", "mps"):
+            raise ValueError(
+                f"fp16 needs a CUDA device (run.device is {device}); on {device} use "
+                "run.precision: bf16 (or float32)"
             )
         return value
 
@@ -90,6 +107,8 @@ class DataConfig(Section):
     limit_test: int | None = Field(None, ge=1)
     cache_dir: Path | None = None
     classes: list[str] | None = None  # the training split's class names (recorded by a run)
+    #: training batches made ahead in a background thread while a step runs (0: none)
+    prefetch_batches: int = Field(1, ge=0, le=4)
 
 
 class ModelConfig(Section):
@@ -454,6 +473,7 @@ RESUME_MAY_CHANGE = (
     "run.output", "run.overwrite", "run.device", "run.progress", "run.tensorboard", "run.threads",
     "run.compile", "run.channels_last", "train.epochs", "train.checkpoint_every",
     "train.checkpoint_every_steps", "data.cache_dir", "data.eval_batch_size", "data.limit_test",
+    "data.prefetch_batches",
 )  # fmt: skip
 
 

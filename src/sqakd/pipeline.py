@@ -55,6 +55,7 @@ from .engine.distributed import (
     run_on_main,
     shutdown_distributed,
 )
+from .engine.precision import check_precision, describe_precision
 from .engine.teacher import teacher_for
 from .engine.teacher_cache import CachedTeacher
 from .methods import Batch, DataShapes, Method, Models, Needs, build_method
@@ -264,6 +265,7 @@ def make_loaders(
             with_labels=needs.labels,
             shard=shard,
             with_index=needs.sample_index,
+            prefetch=data.prefetch_batches,
         )
     if len(train) == 0:
         raise ValueError(
@@ -453,6 +455,7 @@ def run(config: Config, resume: bool = False) -> RunResult:
     try:
         run_on_main(lambda: check_run_folder(config, resume), context)  # before any work
         device = _setup(config, device_name)
+        check_precision(config.run.precision, device)  # run.device auto: known only now
         method = build_method(config.method)
         with main_process_first(context):
             bundle = load_data(
@@ -548,7 +551,7 @@ def _run(
             calibrated["top5"],
         )
     log.info(
-        "method %s, %s, %d epochs, %d steps per epoch, device %s",
+        "method %s, %s, %d epochs, %d steps per epoch, device %s, %s",
         config.method.name,
         "data-free (no training images read)"
         if needs.data == "none"
@@ -557,6 +560,7 @@ def _run(
         config.train.epochs,
         len(train_loader),
         device,
+        describe_precision(config.run.precision),
     )
     folder = run_on_main(lambda: prepare_run_folder(config, resume), context)
     log.open()
@@ -577,6 +581,7 @@ def _run(
         channels_last=config.run.channels_last,
         epoch_hooks=quantizer_hooks(config),
         weights_metadata=weights_metadata(config, needs),
+        precision=config.run.precision,
     )
     last_checkpoint = folder / "checkpoints" / "last.pt"
     if resume and (last_checkpoint.exists() or last_checkpoint.with_name("last.pt.prev").exists()):

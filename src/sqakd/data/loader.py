@@ -18,6 +18,7 @@ from torch import Tensor
 
 from .arrays import ImageArray
 from .augment import BatchAugment, normalize
+from .prefetch import prefetched
 
 
 def _seed(*parts: int) -> int:
@@ -39,6 +40,11 @@ class BatchLoader:
     Call :meth:`set_epoch` before each epoch; ``set_epoch(e, start_batch=k)`` (or
     :meth:`skip_batches`) makes the next iteration start at batch k of epoch e, yielding exactly
     the batches an uninterrupted run would have (augmentation is seeded per batch).
+
+    ``prefetch=k`` (``data.prefetch_batches``) makes up to k batches ahead in a background
+    thread (:func:`~sqakd.data.prefetch.prefetched`) while the caller trains on the current one;
+    the batches are the same, in the same order, since each depends only on (seed, epoch, rank,
+    batch) and no global random state is drawn.
     """
 
     def __init__(
@@ -55,7 +61,10 @@ class BatchLoader:
         with_labels: bool = True,
         shard: tuple[int, int] | None = None,
         with_index: bool = False,
+        prefetch: int = 0,
     ) -> None:
+        if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0:
+            raise ValueError(f"prefetch must be a whole number >= 0, got {prefetch!r}")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
         rank, world_size = (0, 1) if shard is None else shard
@@ -85,6 +94,7 @@ class BatchLoader:
         self.mean, self.std = mean, std
         self.drop_last = drop_last
         self.with_index = with_index
+        self.prefetch = prefetch
         self.seed = seed
         self.device = torch.device(device)
         self.rank, self.world_size = rank, world_size
@@ -132,19 +142,24 @@ class BatchLoader:
         return order[self.rank : padded_length : self.world_size]
 
     def __iter__(self) -> Iterator[tuple[Tensor, ...]]:
-        order = self.indices()
+        """The current epoch's batches from the start batch on (both read now, so that a later
+        :meth:`set_epoch` does not reach a prefetching thread)."""
         start, self.start_batch = self.start_batch, 0
+        return prefetched(self._batches(self.epoch, start), self.prefetch)
+
+    def _batches(self, epoch: int, start: int) -> Iterator[tuple[Tensor, ...]]:
+        order = self.indices(epoch)
         for batch_index in range(start, len(self)):
             index = order[batch_index * self.batch_size : (batch_index + 1) * self.batch_size]
-            images, labels = self._batch(index, batch_index)
+            images, labels = self._batch(index, epoch, batch_index)
             yield (images, labels, index) if self.with_index else (images, labels)
 
-    def _batch(self, index: Tensor, batch_index: int) -> tuple[Tensor, Tensor | None]:
+    def _batch(self, index: Tensor, epoch: int, batch_index: int) -> tuple[Tensor, Tensor | None]:
         images = self._to_device(self.images[index].contiguous())
         labels = None if self.labels is None else self._to_device(self.labels[index])
         if self.augment is not None:
             generator = torch.Generator().manual_seed(
-                _seed(self.seed, self.epoch, self.rank, batch_index, 1)
+                _seed(self.seed, epoch, self.rank, batch_index, 1)
             )
             images = self.augment(images, generator)
         return normalize(images, self.mean, self.std), labels

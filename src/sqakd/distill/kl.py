@@ -18,7 +18,9 @@ def kd_kl_divergence(
     sequence logits (``class_dim=-1``).
 
     The T**2 factor keeps gradient magnitudes independent of the temperature (Hinton et al.).
-    The teacher's logits are treated as constants.
+    The teacher's logits are treated as constants. Computed in float32 whatever the logits'
+    type: bfloat16 logits from an autocast forward (``run.precision: bf16``) are upcast first,
+    since autocast runs ``log_softmax`` on the CPU in its input's type.
     """
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(
@@ -30,6 +32,7 @@ def kd_kl_divergence(
             f"class_dim {class_dim} is not an axis of logits of shape "
             f"{tuple(student_logits.shape)}; use 1 for (N, C, ...) or -1 for (N, T, V)"
         )
+    student_logits, teacher_logits = student_logits.float(), teacher_logits.float()
     log_p_student = F.log_softmax(student_logits / temperature, dim=class_dim)
     log_p_teacher = F.log_softmax(teacher_logits.detach() / temperature, dim=class_dim)
     kl = F.kl_div(log_p_student, log_p_teacher, reduction="sum", log_target=True)
@@ -52,10 +55,11 @@ class KLDistillation(nn.Module):
 
 @register_loss("logit_mse")
 class LogitMSE(nn.Module):
-    """Mean squared error between student and teacher logits (a common extra logit loss)."""
+    """Mean squared error between student and teacher logits (a common extra logit loss), in
+    float32 (see :func:`kd_kl_divergence`)."""
 
     def forward(self, student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
-        return F.mse_loss(student_logits, teacher_logits.detach())
+        return F.mse_loss(student_logits.float(), teacher_logits.detach().float())
 
 
 @register_feature_loss("kd")

@@ -50,6 +50,7 @@ from .distributed import (
 )
 from .logs import RunLog
 from .optim import build_optimizer, build_scheduler
+from .precision import autocast, check_precision, full_precision, gradient_scaler
 from .teacher import check_teacher_role
 
 CHECKPOINT_FORMAT = 2
@@ -123,6 +124,11 @@ class Trainer:
     ranks in :meth:`update`, metrics are reduced over ranks, and only rank 0 writes checkpoints
     and logs. ``self.student`` is always the plain model; ``self.model`` is what the method
     calls (the DDP wrapper, if any).
+
+    ``precision`` (``run.precision``, :mod:`sqakd.engine.precision`): ``bf16`` or ``fp16`` run
+    the method's step under ``torch.autocast`` on ``device``'s type; :meth:`update` (backward,
+    clipping, optimizer steps) runs with autocast off, through a gradient scaler for fp16.
+    Evaluation and the epoch hooks run in float32.
     """
 
     def __init__(
@@ -143,7 +149,12 @@ class Trainer:
         channels_last: bool = False,
         epoch_hooks: Sequence[EpochHook] = (),
         weights_metadata: Mapping[str, str] | None = None,
+        precision: str = "float32",
     ) -> None:
+        check_precision(precision, device)
+        self.precision = precision
+        # fp16 only: gradients scaled against underflow (disabled: every call passes through)
+        self.scaler = gradient_scaler(precision, device)
         self.context = distributed or SINGLE_PROCESS
         needs = method.needs
         check_teacher_role(needs.teacher, teacher)
@@ -264,18 +275,22 @@ class Trainer:
                 f"loss became {float(total.detach())} at epoch {self.epoch + 1}, step {self.step}; the last good "
                 "checkpoint is kept. Lower train.weights.lr or set train.grad_clip (e.g. 5.0)"
             )
-        for name in names:
-            self.optimizers[name].zero_grad(set_to_none=True)
-        total.backward()
-        for name in names:
-            if name in self._synced_apart:
-                average_gradients(self.groups[name], self.context)
-        if self.config.grad_clip:
-            params = [p for name in names for p in self.groups[name]]
-            torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip)
-        for name in names:
-            self.optimizers[name].step()
-            self.schedulers[name].step()
+        with full_precision(self.precision, self.device):
+            for name in names:
+                self.optimizers[name].zero_grad(set_to_none=True)
+            self.scaler.scale(total).backward()
+            for name in names:
+                if name in self._synced_apart:
+                    average_gradients(self.groups[name], self.context)
+            if self.config.grad_clip:
+                for name in names:
+                    self.scaler.unscale_(self.optimizers[name])
+                params = [p for name in names for p in self.groups[name]]
+                torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip)
+            for name in names:
+                self.scaler.step(self.optimizers[name])
+                self.schedulers[name].step()
+            self.scaler.update()
 
     def weight_norm(self) -> float:
         """The L2 norm of all the student's parameters together."""
@@ -319,7 +334,8 @@ class Trainer:
 
     def train_step(self, batch: Batch) -> dict[str, float]:
         """One batch through the method's step; returns this rank's loss values."""
-        losses = self.method.training_step(self.models, batch, TrainerStep(self, self.phase))
+        with autocast(self.precision, self.device):
+            losses = self.method.training_step(self.models, batch, TrainerStep(self, self.phase))
         self.step += 1
         values = {name: float(value.detach()) for name, value in losses.items()}
         values["loss"] = sum(values.values())
@@ -501,7 +517,7 @@ class Trainer:
         within the epoch), the epoch's running loss sums, the metric history, and the random
         states of every rank (Python, NumPy, torch, CUDA). The loader's order and augmentation
         are seeded by (seed, epoch, rank, batch), so the counters restore them; a loader with
-        its own ``state_dict`` is saved too."""
+        its own ``state_dict`` is saved too, and so is fp16's gradient scale."""
         state = {
             "format": CHECKPOINT_FORMAT,
             "student": self.student.state_dict(),
@@ -526,6 +542,8 @@ class Trainer:
         }
         if hasattr(self.train_loader, "state_dict"):
             state["loader"] = self.train_loader.state_dict()
+        if self.scaler.is_enabled():
+            state["scaler"] = self.scaler.state_dict()
         return state
 
     def _trainable_teacher_state(self) -> dict[str, Any]:
@@ -572,6 +590,8 @@ class Trainer:
             self.result.last = {k[5:]: v for k, v in last_row.items() if k.startswith("test_")}
         if "loader" in state and hasattr(self.train_loader, "load_state_dict"):
             self.train_loader.load_state_dict(state["loader"])
+        if "scaler" in state and self.scaler.is_enabled():
+            self.scaler.load_state_dict(state["scaler"])
         if "rng" in state:
             states = state["rng"]
             restore_rng_state(

@@ -10,6 +10,19 @@ for the rounding. A subclass implements :meth:`Quantizer.initialize` (data-drive
 run once on the first tensor it sees) and :meth:`Quantizer.quantize` (the forward, with its own
 backward rule), and reports the integer grid it uses through :meth:`Quantizer.grid` so that export
 needs no per-method special case.
+
+Mixed precision (``run.precision: bf16``, ``torch.autocast``): the quantization arithmetic always
+runs in float32. :meth:`Quantizer.forward` turns autocast off and upcasts a bfloat16 or float16
+input, so that the range and scale (``upper - lower``, a step size), the division by the scale,
+the rounding, the clamp and the rescale, and the gradient rule's terms (EWGS's ``x_n - x_q``,
+LSQ's step-size gradient) are all float32; its output is float32. Why: bfloat16 keeps 8
+significant bits, so ``x / scale`` near 15 (a 4-bit grid) is off by up to 1/32 of a grid step and
+every value that close to a rounding boundary would round to the other grid point; near 255 (8
+bits) bfloat16 cannot even hold the halves, so rounding would be decided by the cast. The
+weights, the ranges and their optimizer state stay float32 too (a model cast to bfloat16 is
+refused by ``prepare`` and ``calibrate``: :func:`refuse_reduced_floats`). What autocast runs in
+bfloat16 is the float part around the grid: the layer's convolution or matrix product on the
+float32 grid values, batch norm and the rest of the network.
 """
 
 from __future__ import annotations
@@ -24,6 +37,26 @@ from .integer_sums import IntegerInput
 
 Role = Literal["weight", "activation"]
 MIN_BITS, MAX_BITS = 1, 8
+#: the float types of mixed precision, in which no quantization arithmetic runs
+REDUCED_FLOATS = (torch.bfloat16, torch.float16)
+
+
+def refuse_reduced_floats(dtype: torch.dtype, what: str) -> None:
+    """A one-line ``ValueError`` when ``what`` (e.g. "the model's parameter 'conv1.weight'") is
+    bfloat16 or float16: fake quantization runs in float32 (the module docstring says why)."""
+    if dtype in REDUCED_FLOATS:
+        raise ValueError(
+            f"{what} is {dtype}, but fake quantization needs float32 (rounding x / scale in "
+            f"{str(dtype).removeprefix('torch.')} moves values to other grid points): keep the "
+            "model and its inputs float32 (model.float()) and train with run.precision: bf16 "
+            "(torch.autocast), which keeps the quantizers in float32"
+        )
+
+
+def refuse_reduced_float_model(model: nn.Module, caller: str) -> None:
+    """:func:`refuse_reduced_floats` for the first bfloat16/float16 parameter of ``model``."""
+    for name, parameter in model.named_parameters():
+        refuse_reduced_floats(parameter.dtype, f"{caller}: the model's parameter {name!r}")
 
 
 def check_bits(bits: int) -> int:
@@ -130,6 +163,16 @@ class Quantizer(nn.Module):
         self.initialized.fill_(True)
 
     def forward(self, x: Tensor) -> Tensor:
+        """``x`` fake-quantized; under autocast, with autocast off and ``x`` upcast to float32
+        (the module docstring says why)."""
+        if torch.is_autocast_enabled(x.device.type):
+            with torch.autocast(x.device.type, enabled=False):
+                return self._forward(x.float() if x.dtype in REDUCED_FLOATS else x)
+        if x.dtype in REDUCED_FLOATS:  # (no message built on the hot path)
+            refuse_reduced_floats(x.dtype, f"the input of a {self.method!r} quantizer")
+        return self._forward(x)
+
+    def _forward(self, x: Tensor) -> Tensor:
         if not self.is_initialized:
             self.calibrate(x)
         if self.role == "activation" and not self.training and not torch.is_grad_enabled():

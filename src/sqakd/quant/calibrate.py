@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .base import refuse_reduced_float_model
 from .layers import quantized_layers
 
 #: dict keys tried, in order, for a dict batch when no ``input_key`` is given
@@ -68,8 +69,10 @@ def calibrate(
     ``batches``: any iterable of input tensors, ``(inputs, labels)`` tuples or lists (a standard
     ``DataLoader``), or dicts (the input under ``input_key``, by default ``input``, ``images``,
     ``input_ids``, ...; see :func:`batch_inputs`); ``batch_to_inputs(batch)`` maps anything
-    else to the model's inputs.
+    else to the model's inputs. A model cast to bfloat16 or float16 is refused (one line naming
+    the fix: keep it float32 and train with ``run.precision: bf16``).
     """
+    refuse_reduced_float_model(model, "sqakd.calibrate")
     was_training = model.training
     model.eval()
     used = 0

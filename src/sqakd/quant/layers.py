@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import Quantizer
+from .base import REDUCED_FLOATS, Quantizer, refuse_reduced_floats
 from .batchnorm import AffineBatchNorm
 from .deployed import deployed_weight
 from .float64_sums import Float64SumConv2d, conv2d_arguments
@@ -128,7 +128,18 @@ class QuantizedLayer(nn.Module):
     @torch.no_grad()
     def calibrate(self, x: Tensor) -> None:
         """Initialise both quantizers from this input and the weight, then let the weight
-        quantizer match the float output's magnitude (EWGS's output scale)."""
+        quantizer match the float output's magnitude (EWGS's output scale); in float32, also
+        when called under autocast (a bfloat16 model is refused: :func:`refuse_reduced_floats`)."""
+        refuse_reduced_floats(self.weight.dtype, f"the weight of a {type(self).__name__}")
+        if torch.is_autocast_enabled(x.device.type):
+            with torch.autocast(x.device.type, enabled=False):
+                self._calibrate(x.float() if x.dtype in REDUCED_FLOATS else x)
+        else:
+            refuse_reduced_floats(x.dtype, f"the input of a {type(self).__name__}")
+            self._calibrate(x)
+        self.calibrated.fill_(True)
+
+    def _calibrate(self, x: Tensor) -> None:
         if self.act_quantizer is not None:
             self.act_quantizer.calibrate(x)
         if self.weight_quantizer is not None:
@@ -136,7 +147,6 @@ class QuantizedLayer(nn.Module):
             float_output = self._float_forward(x, self.weight)
             quantized_output = self._float_forward(self.quantized_input(x), self.quantized_weight())
             self.weight_quantizer.match_output(float_output, quantized_output)
-        self.calibrated.fill_(True)
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.quantizes:

@@ -10,7 +10,7 @@ from fnmatch import fnmatchcase
 import torch
 from torch import nn
 
-from .base import Quantizer
+from .base import Quantizer, refuse_reduced_float_model
 from .batchnorm import AFFINE_BATCHNORMS, AffineBatchNorm
 from .float64_sums import Float64SumConv2d, can_sum_in_float64
 from .layers import QuantizedLayer, quantizers, set_compiled_kernels, twin_for
@@ -264,7 +264,12 @@ def prepare(
 
     ``compiled_kernels``: the quantizers run their fused kernels through ``torch.compile``
     (see :func:`~sqakd.quant.set_compiled_kernels`, which changes it later); eager by default.
+
+    A model cast to bfloat16 or float16 is refused (one line): quantization keeps its weights
+    and ranges float32; mixed precision is ``torch.autocast`` around a float32 model
+    (``run.precision: bf16``, see :mod:`sqakd.quant.base`).
     """
+    refuse_reduced_float_model(model, "sqakd.prepare")
     policy = policy or QuantPolicy()
     decisions = plan(model, policy)
     prepared = model if inplace else copy.deepcopy(model)

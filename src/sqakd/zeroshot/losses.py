@@ -14,6 +14,9 @@ Generator (AdaDFQ, Qian et al. 2023), with ``y`` the labels the images were gene
 Student (AdaDFQ's logit term, kept by AKT): ``-T^2 * mean_b entropy(softmax((t - s) / T))`` with
 ``t`` constant; largest when ``s = t + const`` per sample. Negative, bounded below by
 ``-T^2 log K``.
+
+Every term is computed in float32: bfloat16 logits from an autocast forward (``run.precision:
+bf16``) are upcast before the difference, the sum or the softmax.
 """
 
 from __future__ import annotations
@@ -26,25 +29,25 @@ from torch import Tensor
 
 
 def entropy(logits: Tensor) -> Tensor:
-    """Entropy of ``softmax(logits)`` per row (natural log)."""
-    log_p = F.log_softmax(logits, dim=1)
+    """Entropy of ``softmax(logits)`` per row (natural log), in float32."""
+    log_p = F.log_softmax(logits.float(), dim=1)
     return -(log_p.exp() * log_p).sum(dim=1)
 
 
 def disagreement_loss(teacher_logits: Tensor, student_logits: Tensor, labels: Tensor) -> Tensor:
     """``CE(t - s, y)``."""
-    return F.cross_entropy(teacher_logits - student_logits, labels)
+    return F.cross_entropy(teacher_logits.float() - student_logits.float(), labels)
 
 
 def agreement_loss(teacher_logits: Tensor, student_logits: Tensor, labels: Tensor) -> Tensor:
     """``CE(t + s, y)``."""
-    return F.cross_entropy(teacher_logits + student_logits, labels)
+    return F.cross_entropy(teacher_logits.float() + student_logits.float(), labels)
 
 
 def normalised_entropy(teacher_logits: Tensor, student_logits: Tensor) -> Tensor:
     """``H'`` of the module docstring, per sample: 0 for the batch's most confident
     disagreement, 1 for a uniform one."""
-    values = entropy(teacher_logits - student_logits)
+    values = entropy(teacher_logits.float() - student_logits.float())
     lowest = values.min()
     top = math.log(teacher_logits.shape[1])
     return (values - lowest) / (top - lowest).clamp_min(1e-12)
@@ -65,5 +68,5 @@ def softened_difference_entropy(
 ) -> Tensor:
     """AdaDFQ's student logit term ``-T^2 * mean_b entropy(softmax((t - s) / T))``, ``t``
     constant."""
-    difference = (teacher_logits.detach() - student_logits) / temperature
+    difference = (teacher_logits.detach().float() - student_logits.float()) / temperature
     return -(temperature**2) * entropy(difference).mean()
