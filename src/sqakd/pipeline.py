@@ -510,9 +510,10 @@ def _run(
     )
     if calibrated:
         log.info(
-            "calibrated student before training (PTQ, %d calibration batch(es)): top-1 %.2f %%, "
-            "top-5 %.2f %%",
+            "calibrated student before training (PTQ, %d calibration batch(es), observer %s): "
+            "top-1 %.2f %%, top-5 %.2f %%",
             config.train.calibration_batches,
+            config.quant.observer,
             calibrated["top1"],
             calibrated["top5"],
         )

@@ -14,6 +14,7 @@ from .base import Quantizer
 from .batchnorm import AFFINE_BATCHNORMS, AffineBatchNorm
 from .float64_sums import Float64SumConv2d, can_sum_in_float64
 from .layers import QuantizedLayer, quantizers, set_compiled_kernels, twin_for
+from .observers import build_observer
 from .policy import FLOAT_BITS, QuantPolicy
 from .registry import build_quantizer, quantizer_class
 
@@ -281,7 +282,7 @@ def prepare(
         act_q = _make(decision.act_method, decision.act_bits, "activation", policy)
         layer = twin.from_float(float_layer, weight_q, act_q)  # type: ignore[attr-defined]
         replace_module(prepared, decision.name, layer.to(float_layer.weight.device))
-    notes = []
+    notes = _attach_observer(prepared, policy)
     if any(decision.quantized for decision in decisions):
         notes += _use_affine_batchnorm(prepared)
         _sum_float_first_layer_in_float64(prepared, decisions)
@@ -303,6 +304,34 @@ def _warn(decisions: QuantPlan, notes: list[str]) -> None:
         notes.append(warning)
     for note in notes:
         warnings.warn(f"sqakd.prepare: {note}", UserWarning, stacklevel=3)
+
+
+def _attach_observer(model: nn.Module, policy: QuantPolicy) -> list[str]:
+    """Give every quantizer that takes a range the policy's observer (none for ``native``).
+    Returns one line naming the quantizers that take none and keep their own initialisation;
+    refuses an observer that no quantizer of the model would use."""
+    observer = build_observer(policy.observer, policy.observer_percentile)
+    if observer is None:
+        return []
+    kept, used = set(), 0
+    for _, quantizer in quantizers(model):
+        if quantizer.range_kind is None:
+            kept.add(f"{quantizer.method} {quantizer.role}s")
+        else:
+            quantizer.observer = observer
+            used += 1
+    if kept and not used:
+        raise ValueError(
+            f"quant.observer={policy.observer} would set no range: {', '.join(sorted(kept))} take "
+            f"none (fixed, non-uniform or recomputed at every forward); use quant.observer=native, "
+            f"or lsq, lsq+, ewgs, ste, dsq (weights and activations), pact or minmax (activations)"
+        )
+    if not kept:
+        return []
+    return [
+        f"quant.observer={policy.observer} does not apply to {', '.join(sorted(kept))} (they take "
+        f"no range): they keep their own initialisation"
+    ]
 
 
 def _sum_float_first_layer_in_float64(model: nn.Module, decisions: QuantPlan) -> None:
