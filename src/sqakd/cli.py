@@ -362,7 +362,8 @@ def bench(
     ],
     output: Annotated[Path | None, typer.Option("--output", "-o", help="results folder")] = None,
     epochs: Annotated[
-        int | None, typer.Option(help="QAT epochs per cell (default: the recipe's)")
+        int | None,
+        typer.Option(help="QAT epochs per cell (default: the recipe's; PTQ cells stay at 0)"),
     ] = None,
     teacher_epochs: Annotated[
         int | None, typer.Option(help="teacher epochs (default: the recipe's)")
