@@ -13,7 +13,7 @@ import copy
 import json
 import platform
 import shutil
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -741,12 +741,15 @@ def plot_history(history: list[dict[str, Any]], path: Path, title: str = "") -> 
 
 
 def load_trained_model(
-    config: Config, weights: Path | None = None
+    config: Config, weights: Path | None = None, key_map: Mapping[str, str] | None = None
 ) -> tuple[nn.Module, DataBundle, torch.device]:
     """The network a run trained (float, or prepared with ``config.quant`` when the weights hold
     quantizer state) with its weights loaded without executing code, its data (test split, for
     the image size and normalisation) and the device. Used by ``sqakd eval``, ``export`` and
-    ``verify``."""
+    ``verify``. ``key_map`` renames the keys of ``weights`` as ``teacher.key_map`` does a
+    teacher's (``{"linear.": "fc."}``; an entry that matches no key is an error); without
+    ``weights``, the teacher checkpoint loads with ``teacher.match`` and ``key_map``, by default
+    ``teacher.key_map``."""
     device = _setup(config)
     bundle = load_data(config.data, config.run.seed, need_train=config.data.mean is None)
     network = build_network(config, bundle, student=weights is not None)  # else: the teacher
@@ -766,7 +769,12 @@ def load_trained_model(
         check_quant_plan(path, config)
         compiled = should_compile_kernels(config.run.compile, device)
         network = prepare(network, config.quant, compiled_kernels=compiled)
-    models.load_weights(network, state)
+    if weights is None:
+        key_map, match = key_map or config.teacher.key_map, config.teacher.match
+        source = f"teacher.checkpoint {path}"
+    else:
+        match, source = "names", f"weights {path}"
+    models.load_weights(network, state, key_map=key_map, match=match, source=source)
     return network.to(device).eval(), bundle, device
 
 
@@ -839,8 +847,11 @@ def ordered_loader(
     )
 
 
-def evaluate_model(config: Config, weights: Path | None = None) -> dict[str, float]:
+def evaluate_model(
+    config: Config, weights: Path | None = None, key_map: Mapping[str, str] | None = None
+) -> dict[str, float]:
     """Accuracy of a float or quantized model (``sqakd eval``): the config's architecture and
-    policy, with weights from ``weights`` (a run's model.safetensors or a teacher checkpoint)."""
-    network, bundle, device = load_trained_model(config, weights)
+    policy, with weights from ``weights`` (a run's model.safetensors or a teacher checkpoint),
+    their keys renamed by ``key_map`` (see :func:`load_trained_model`)."""
+    network, bundle, device = load_trained_model(config, weights, key_map)
     return evaluate(network, evaluation_loader(bundle, config, device), device)
