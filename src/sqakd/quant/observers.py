@@ -11,10 +11,11 @@ for the quantizers that take a range (:attr:`~sqakd.quant.Quantizer.range_kind`)
   ``|x|`` (symmetric), of ``x`` (unsigned), of ``x`` on each side (asymmetric: the ``100 - p``-th
   and the ``p``-th); linear interpolation between order statistics, as ``torch.quantile``;
 * ``mse``: the range that minimises the mean squared quantization error ``mean((x - Q(x))**2)``
-  over the observed tensor, where ``Q`` is the quantizer's own grid (:meth:`~sqakd.quant.Quantizer.grid`)
-  with that range: a search over ``f * (min/max range)`` for ``f`` in 1/100 .. 1 in steps of 1/100,
-  then in steps of 1/2000 around the best (MQBench's and PPQ's MSE observers search such a grid
-  of fractions of the min/max range).
+  over the observed tensor, where ``Q`` is the quantizer's own grid with that range
+  (:meth:`~sqakd.quant.Quantizer.grid`, its levels in ``x``'s units): a search over ``f *
+  (min/max range)`` for ``f`` in 1/100 .. 1 in steps of 1/100, then in steps of 1/2000 within
+  1/100 of the best (MQBench's and PPQ's MSE observers search such a grid of fractions of the
+  min/max range).
 
 Asymmetric ranges always contain 0 (``low <= 0 <= high``). Per-channel quantizers get one range
 per output channel (axis 0). Quantizers that take no range (DoReFa and PACT weights, APoT's
