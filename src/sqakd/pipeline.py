@@ -780,6 +780,8 @@ def load_trained_model(
 
 #: the safetensors metadata key under which a run's weights record their quantization plan
 QUANT_PLAN_KEY = "sqakd.quant"
+#: plan keys that only choose where the ranges start (calibration), not what weights compute
+INITIALISATION_KEYS = {"quant.observer", "quant.observer_percentile"}
 
 
 def weights_metadata(config: Config, needs: Needs) -> dict[str, str]:
@@ -799,7 +801,7 @@ def check_quant_plan(path: str | Path, config: Config) -> None:
     wanted = flatten(config.quant.model_dump(mode="json"), "quant.")
     differences = [
         f"{key}: {saved[key]!r} in the weights, {wanted[key]!r} in the config"
-        for key in sorted(set(saved) & set(wanted))
+        for key in sorted(set(saved) & set(wanted) - INITIALISATION_KEYS)
         if saved[key] != wanted[key]
     ]
     if differences:
