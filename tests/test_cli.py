@@ -198,6 +198,7 @@ def test_methods_lists_registries():
     assert result.exit_code == 0
     for name in ("ewgs", "lsq", "sqakd", "resnet20", "folder"):
         assert name in result.output
+    assert "observers:  native, minmax, mse, percentile" in result.output
 
 
 # ------------------------------------------------------------------------ export and verify

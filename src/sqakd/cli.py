@@ -477,13 +477,16 @@ def generate(
 
 @app.command("methods")
 def list_methods() -> None:
-    """List the registered quantizers, training methods, distillation losses, models and data formats."""
+    """List the registered quantizers, observers, methods, distillation losses, models and data
+    formats."""
     from . import data, models
     from .distill import available_losses
     from .methods import available_methods
     from .quant import available_quantizers
+    from .quant.observers import available_observers
 
     typer.echo(f"quantizers: {', '.join(available_quantizers())}")
+    typer.echo(f"observers:  {', '.join(available_observers())}")
     typer.echo(f"methods:    {', '.join(available_methods())}")
     typer.echo(f"losses:     {', '.join(available_losses())}")
     typer.echo(f"models:     {', '.join(models.available_models())}")
