@@ -168,6 +168,33 @@ def test_cell_configuration_layers_base_group_cell_budget_and_overrides(tmp_path
     assert config.train.epochs == 4 and config.method.alpha == 2.0  # --set wins over everything
 
 
+def test_a_ptq_group_keeps_zero_epochs_under_the_epochs_budget(tmp_path: Path) -> None:
+    family = load_family(
+        write_family(
+            tmp_path / "toy.yaml",
+            """\
+            - quantizers: [lsq]
+              bits: [4]
+              methods: [sqakd]
+              set: {train.epochs: 0, quant.observer: mse}
+              variant: ptq-mse
+            - {quantizers: [lsq], bits: [4], methods: [sqakd]}
+            """,
+        )
+    )
+    ptq, trained = family.cells
+    assert bench.is_ptq(ptq) and not bench.is_ptq(trained)
+    budget = Budget(epochs=3)
+    config = cell_config(family, ptq, tmp_path / "out", tmp_path / "t.safetensors", budget)
+    assert config.train.epochs == 0 and config.quant.observer == "mse"
+    assert config.run.output == tmp_path / "out" / "lsq_w4a4_sqakd_ptq-mse"
+    config = cell_config(family, trained, tmp_path / "out", tmp_path / "t.safetensors", budget)
+    assert config.train.epochs == 3 and config.quant.observer == "native"
+    budget = Budget(epochs=3, overrides=["train.epochs=2"])  # --set still wins
+    config = cell_config(family, ptq, tmp_path / "out", tmp_path / "t.safetensors", budget)
+    assert config.train.epochs == 2
+
+
 def test_a_method_override_reaches_only_the_cells_whose_method_has_it(tmp_path: Path) -> None:
     family = load_family(
         write_family(

@@ -198,6 +198,7 @@ def test_methods_lists_registries():
     assert result.exit_code == 0
     for name in ("ewgs", "lsq", "sqakd", "resnet20", "folder"):
         assert name in result.output
+    assert "observers:  native, minmax, mse, percentile" in result.output
 
 
 # ------------------------------------------------------------------------ export and verify
@@ -248,6 +249,52 @@ def test_verify_fails_with_exit_1_when_predictions_disagree(quantized_run: Path,
         "verify", "--run", str(quantized_run), "--weights", str(tmp_path / "other.safetensors")
     )
     assert result.exit_code == 1 and "\nFAILED: predictions agree" in result.stdout
+
+
+def _renamed_classifier(run: Path, prefix: str, path: Path) -> Path:
+    """The run's weights with the classifier ``fc.`` saved under ``prefix`` instead."""
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(run / "model.safetensors"))
+    save_file({(prefix + k[3:] if k.startswith("fc.") else k): v for k, v in state.items()}, str(path))  # fmt: skip
+    return path
+
+
+def _top1(result) -> float:
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout[result.stdout.index("{") :])["top1"]
+
+
+def test_weights_with_another_classifier_name_load_with_a_key_map(
+    quantized_run: Path, tmp_path: Path
+):
+    expected = json.loads((quantized_run / "summary.json").read_text())["last"]["top1"]
+    linear = _renamed_classifier(quantized_run, "linear.", tmp_path / "linear.safetensors")
+    run = ("--run", str(quantized_run))
+    top1 = _top1(invoke("eval", *run, "--weights", str(linear), "--key-map", "linear.=fc."))
+    assert top1 == pytest.approx(expected)
+    head = _renamed_classifier(quantized_run, "head.", tmp_path / "head.safetensors")
+    line = error_of(invoke("eval", *run, "--weights", str(head)))  # no map: one line naming them
+    assert "head.weight" in line and f"weights {head}" in line
+    maps = ("--key-map", "head.=fc.", "--key-map", "nothing.=fc.")
+    line = error_of(invoke("eval", *run, "--weights", str(head), *maps))
+    assert f"key map entry 'nothing.' matches no key of weights {head}" in line
+    assert "--key-map 'fc' must look like OLD=NEW" in error_of(
+        invoke("eval", *run, "--weights", str(head), "--key-map", "fc")
+    )
+    top1 = _top1(invoke("eval", *run, "--weights", str(head), "--key-map", "head.=fc."))
+    assert top1 == pytest.approx(expected)
+    onnx = tmp_path / "head.onnx"
+    exported = invoke(
+        "export", *run, "--weights", str(head), "--key-map", "head.=fc.", "-o", str(onnx)
+    )
+    assert exported.exit_code == 0, exported.output
+    verified = invoke(
+        "verify", *run, "--weights", str(head), "--key-map", "head.=fc.", "--onnx", str(onnx)
+    )
+    assert verified.exit_code == 0 and "\nPASSED: predictions agree" in verified.stdout
+    line = error_of(invoke("verify", *run, "--weights", str(head), "--onnx", str(onnx)))
+    assert "head.weight" in line
 
 
 def test_export_and_verify_bad_input_is_one_line(

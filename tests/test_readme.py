@@ -40,9 +40,10 @@ def test_version_and_the_options_each_command_is_said_to_take():
     for command, options in {
         "train": ["--config", "--set", "--output", "--overwrite", "--resume"],
         "quantize": ["--config", "--set", "--output", "--overwrite", "--resume"],
-        "eval": ["--run", "--config", "--set", "--weights"],
-        "export": ["--run", "--weights", "--output"],
-        "verify": ["--run", "--weights", "--threshold", "--per-layer", "--limit", "--class-dim"],
+        "eval": ["--run", "--config", "--set", "--weights", "--key-map"],
+        "export": ["--run", "--weights", "--key-map", "--output"],
+        "verify": ["--run", "--weights", "--key-map", "--threshold", "--per-layer", "--limit"]
+        + ["--class-dim"],
     }.items():
         help_text = runner.invoke(app, [command, "--help"], terminal_width=200).output
         for option in options:

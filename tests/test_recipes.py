@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from sqakd import models
-from sqakd.bench import cell_config, load_family, teacher_config
+from sqakd.bench import cell_config, is_ptq, load_family, teacher_config
 from sqakd.quant import prepare, quantized_layers
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -36,6 +36,7 @@ COMPARISON_CELLS = {
     "cifar10_resnet20_akt": ({"minmax"}, {3, 4, 5}, {"ptq_generated", "gdfq", "adadfq", "akt"}),
     "cifar10_resnet20_kdzoo": ({"ewgs"}, {2}, {"qat", "sqakd", "feature_kd"}),
     "cifar10_resnet110_resnet20_faqd": ({"binary", "ternary", "faqd4"}, {1, 2, 4}, {"faqd"}),
+    "cifar10_resnet20_ptq": ({"lsq", "ewgs"}, {4, 8}, {"qat", "sqakd"}),
 }
 #: data-free methods: no training image, 200 generated batches per epoch (released)
 ZERO_SHOT = {"ptq_generated", "gdfq", "adadfq", "akt"}
@@ -48,6 +49,21 @@ def test_the_kd_zoo_lists_every_loss_with_and_without_labels() -> None:
     variants = {cell.name.removeprefix("ewgs_w2a2_feature_kd_") for cell in family.cells
                 if cell.method == "feature_kd"}  # fmt: skip
     assert variants == KD_ZOO | {f"{loss}-free" for loss in KD_ZOO} | {"kd"}
+
+
+def test_the_ptq_family_lists_each_observer_beside_qat_and_sqakd() -> None:
+    family = load_family(CONFIGS / "cifar10_resnet20_ptq.yaml")
+    observers = {"native", "minmax", "percentile", "mse"}
+    for quantizer in ("lsq", "ewgs"):
+        for bits in (8, 4):
+            prefix = f"{quantizer}_w{bits}a{bits}_"
+            names = {cell.name.removeprefix(prefix) for cell in family.cells
+                     if cell.name.startswith(prefix)}  # fmt: skip
+            assert names == {"qat", "sqakd"} | {f"sqakd_ptq-{o}" for o in observers}
+    for cell in family.cells:
+        config = cell_config(family, cell, Path("out"), Path("t"))
+        ptq = cell.name.partition("_ptq-")[2]
+        assert is_ptq(cell) == bool(ptq) and config.quant.observer == (ptq or "native")
 
 
 def test_every_paper_family_has_a_recipe() -> None:
@@ -79,7 +95,10 @@ def test_every_cell_is_a_valid_configuration_at_the_papers_budget(family, tmp_pa
     for cell in family.cells:
         config = cell_config(family, cell, tmp_path, tmp_path / "teacher.safetensors")
         assert config.model.num_classes == CLASSES[family.dataset.name.split(" ")[0]]
-        assert config.train.epochs == teacher.train.epochs or family.name.startswith("tiny")
+        if is_ptq(cell):  # post-training quantization: calibrate and evaluate
+            assert config.train.epochs == 0
+        else:
+            assert config.train.epochs == teacher.train.epochs or family.name.startswith("tiny")
         options = config.method.options  # each cell keeps only its method's keys
         if cell.method == "sqakd":
             assert options["gamma"] == 0.0  # SQAKD never reads a label

@@ -7,8 +7,9 @@ family YAML -> :class:`Family` (shared settings, teacher settings, a list of cel
 
 A cell is one (quantizer, bit-width, method) triple; its configuration is, in order of precedence
 (later wins): the family's ``base`` -> the cell group's ``set`` -> the cell itself (quantizer,
-bits, method, teacher, run folder) -> the budget options (epochs, images, data root, device)
--> the caller's ``key=value`` overrides. The format is documented in ``configs/README.md``.
+bits, method, teacher, run folder) -> the budget options (epochs, images, data root, device;
+a group that sets ``train.epochs: 0``, post-training quantization, keeps it) -> the caller's
+``key=value`` overrides. The format is documented in ``configs/README.md``.
 """
 
 from __future__ import annotations
@@ -355,8 +356,15 @@ def cell_config(
         "run.output": str(output / cell.name),
     }
     tree = merge(tree, _nested(identity))
-    tree = merge(tree, _budget_tree(budget, budget.epochs, budget.limit_train))
+    epochs = None if is_ptq(cell) else budget.epochs
+    tree = merge(tree, _budget_tree(budget, epochs, budget.limit_train))
     return _build(tree, budget.overrides)
+
+
+def is_ptq(cell: Cell) -> bool:
+    """Whether the cell's group sets ``train.epochs: 0`` (post-training quantization: calibrate
+    and evaluate): the bench's ``--epochs`` budget leaves such a cell at 0 (``--set`` does not)."""
+    return cell.settings.get("train", {}).get("epochs") == 0
 
 
 def _check_method_overrides(cells: Sequence[Cell], overrides: Sequence[str]) -> None:

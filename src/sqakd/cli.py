@@ -189,6 +189,25 @@ WeightsOption = Annotated[
 RunOption = Annotated[
     Path | None, typer.Option(help="a run folder: uses its config.yaml and model.safetensors")
 ]
+KeyMapOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--key-map",
+        help="rename a key prefix of the weights before loading, OLD=NEW, e.g. linear.=fc. "
+        "(repeatable; as teacher.key_map)",
+    ),
+]
+
+
+def _key_map(entries: list[str] | None) -> dict[str, str]:
+    """``["linear.=fc."]`` -> ``{"linear.": "fc."}`` (NEW may be empty: drop the prefix)."""
+    key_map: dict[str, str] = {}
+    for entry in entries or []:
+        old, sep, new = entry.partition("=")
+        if not sep or not old:
+            raise ValueError(f"--key-map {entry!r} must look like OLD=NEW, e.g. linear.=fc.")
+        key_map[old] = new
+    return key_map
 
 
 TrustOption = Annotated[
@@ -236,12 +255,14 @@ def evaluate(
     set: SetOption = None,
     weights: WeightsOption = None,
     run: RunOption = None,
+    key_map: KeyMapOption = None,
     trust_code: TrustOption = False,
 ) -> None:
     """Top-1/top-5 of a float or quantized model on the test split."""
     from .pipeline import evaluate_model
 
-    metrics = evaluate_model(*_run_inputs(run, config, set, weights, trust_code))
+    inputs = _run_inputs(run, config, set, weights, trust_code)
+    metrics = evaluate_model(*inputs, key_map=_key_map(key_map))
     typer.echo(json.dumps(metrics, indent=2))
 
 
@@ -268,6 +289,7 @@ def export(
             help="reshape the graph so that ONNX Runtime runs quantized layers as QLinearConv"
         ),
     ] = False,
+    key_map: KeyMapOption = None,
     trust_code: TrustOption = False,
 ) -> None:
     """Export a quantized run to ONNX (QuantizeLinear/DequantizeLinear) and packed weights."""
@@ -284,6 +306,7 @@ def export(
         opset,
         fold_batchnorm,
         integer_kernels,
+        key_map=_key_map(key_map),
     )
     typer.echo(str(result))
 
@@ -309,6 +332,7 @@ def verify(
         int | None,
         typer.Option(help="the logits' class axis (1; -1 for sequences); default method.class_dim"),
     ] = None,
+    key_map: KeyMapOption = None,
     trust_code: TrustOption = False,
 ) -> None:
     """ONNX Runtime against PyTorch on the test images; exits 1 when agreement is too low."""
@@ -325,6 +349,7 @@ def verify(
         per_layer,
         limit,
         class_dim,
+        key_map=_key_map(key_map),
     )
     typer.echo(str(report))
     if not report.passed:
@@ -366,7 +391,8 @@ def bench(
     ],
     output: Annotated[Path | None, typer.Option("--output", "-o", help="results folder")] = None,
     epochs: Annotated[
-        int | None, typer.Option(help="QAT epochs per cell (default: the recipe's)")
+        int | None,
+        typer.Option(help="QAT epochs per cell (default: the recipe's; PTQ cells stay at 0)"),
     ] = None,
     teacher_epochs: Annotated[
         int | None, typer.Option(help="teacher epochs (default: the recipe's)")
@@ -455,13 +481,16 @@ def generate(
 
 @app.command("methods")
 def list_methods() -> None:
-    """List the registered quantizers, training methods, distillation losses, models and data formats."""
+    """List the registered quantizers, observers, methods, distillation losses, models and data
+    formats."""
     from . import data, models
     from .distill import available_losses
     from .methods import available_methods
     from .quant import available_quantizers
+    from .quant.observers import available_observers
 
     typer.echo(f"quantizers: {', '.join(available_quantizers())}")
+    typer.echo(f"observers:  {', '.join(available_observers())}")
     typer.echo(f"methods:    {', '.join(available_methods())}")
     typer.echo(f"losses:     {', '.join(available_losses())}")
     typer.echo(f"models:     {', '.join(models.available_models())}")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,16 +76,18 @@ def export_run(
     opset: int = 17,
     fold_batchnorm: bool = True,
     integer_kernels: bool = False,
+    key_map: Mapping[str, str] | None = None,
 ) -> ExportResult:
     """Write ``output`` (ONNX QDQ) and, with ``packed``, the packed weights beside it;
-    ``integer_kernels`` as in :func:`sqakd.export.export_onnx`."""
+    ``integer_kernels`` as in :func:`sqakd.export.export_onnx`; ``key_map`` renames the
+    weights' keys (see :func:`sqakd.pipeline.load_trained_model`)."""
     output = Path(output)
     if output.suffix != ".onnx":
         raise ValueError(f"the ONNX output must end in .onnx, got {output}")
     if not output.parent.is_dir():
         raise ValueError(f"output folder {output.parent} does not exist; create it first")
     model, bundle, _ = load_trained_model(
-        config.model_copy(update={"run": _on_cpu(config)}), weights
+        config.model_copy(update={"run": _on_cpu(config)}), weights, key_map
     )
     require_quantized(model, weights)
     height, width = bundle.image_size
@@ -126,13 +129,15 @@ def verify_run(
     per_layer: bool = False,
     limit: int | None = None,
     class_dim: int | None = None,
+    key_map: Mapping[str, str] | None = None,
 ) -> VerifyReport:
     """ONNX Runtime against the fake-quantized PyTorch model on the run's test images;
-    predictions along ``class_dim`` (default: the run's ``method.class_dim``, else 1)."""
+    predictions along ``class_dim`` (default: the run's ``method.class_dim``, else 1);
+    ``key_map`` renames the weights' keys (see :func:`sqakd.pipeline.load_trained_model`)."""
     if not Path(onnx_path).is_file():
         raise ValueError(f"ONNX file {onnx_path} not found; write it with `sqakd export` first")
     model, bundle, device = load_trained_model(
-        config.model_copy(update={"run": _on_cpu(config)}), weights
+        config.model_copy(update={"run": _on_cpu(config)}), weights, key_map
     )
     require_quantized(model, weights)
     if limit is not None and bundle.test is not None:

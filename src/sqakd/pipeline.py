@@ -13,7 +13,7 @@ import copy
 import json
 import platform
 import shutil
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -544,9 +544,10 @@ def _run(
     )
     if calibrated:
         log.info(
-            "calibrated student before training (PTQ, %d calibration batch(es)): top-1 %.2f %%, "
-            "top-5 %.2f %%",
+            "calibrated student before training (PTQ, %d calibration batch(es), observer %s): "
+            "top-1 %.2f %%, top-5 %.2f %%",
             config.train.calibration_batches,
+            config.quant.observer,
             calibrated["top1"],
             calibrated["top5"],
         )
@@ -779,12 +780,15 @@ def plot_history(history: list[dict[str, Any]], path: Path, title: str = "") -> 
 
 
 def load_trained_model(
-    config: Config, weights: Path | None = None
+    config: Config, weights: Path | None = None, key_map: Mapping[str, str] | None = None
 ) -> tuple[nn.Module, DataBundle, torch.device]:
     """The network a run trained (float, or prepared with ``config.quant`` when the weights hold
     quantizer state) with its weights loaded without executing code, its data (test split, for
     the image size and normalisation) and the device. Used by ``sqakd eval``, ``export`` and
-    ``verify``."""
+    ``verify``. ``key_map`` renames the keys of ``weights`` as ``teacher.key_map`` does a
+    teacher's (``{"linear.": "fc."}``; an entry that matches no key is an error); without
+    ``weights``, the teacher checkpoint loads with ``teacher.match`` and ``key_map``, by default
+    ``teacher.key_map``."""
     device = _setup(config)
     bundle = load_data(config.data, config.run.seed, need_train=config.data.mean is None)
     network = build_network(config, bundle, student=weights is not None)  # else: the teacher
@@ -804,12 +808,19 @@ def load_trained_model(
         check_quant_plan(path, config)
         compiled = should_compile_kernels(config.run.compile, device)
         network = prepare(network, config.quant, compiled_kernels=compiled)
-    models.load_weights(network, state)
+    if weights is None:
+        key_map, match = key_map or config.teacher.key_map, config.teacher.match
+        source = f"teacher.checkpoint {path}"
+    else:
+        match, source = "names", f"weights {path}"
+    models.load_weights(network, state, key_map=key_map, match=match, source=source)
     return network.to(device).eval(), bundle, device
 
 
 #: the safetensors metadata key under which a run's weights record their quantization plan
 QUANT_PLAN_KEY = "sqakd.quant"
+#: plan keys that only choose where the ranges start (calibration), not what weights compute
+INITIALISATION_KEYS = {"quant.observer", "quant.observer_percentile"}
 
 
 def weights_metadata(config: Config, needs: Needs) -> dict[str, str]:
@@ -829,7 +840,7 @@ def check_quant_plan(path: str | Path, config: Config) -> None:
     wanted = flatten(config.quant.model_dump(mode="json"), "quant.")
     differences = [
         f"{key}: {saved[key]!r} in the weights, {wanted[key]!r} in the config"
-        for key in sorted(set(saved) & set(wanted))
+        for key in sorted(set(saved) & set(wanted) - INITIALISATION_KEYS)
         if saved[key] != wanted[key]
     ]
     if differences:
@@ -877,8 +888,11 @@ def ordered_loader(
     )
 
 
-def evaluate_model(config: Config, weights: Path | None = None) -> dict[str, float]:
+def evaluate_model(
+    config: Config, weights: Path | None = None, key_map: Mapping[str, str] | None = None
+) -> dict[str, float]:
     """Accuracy of a float or quantized model (``sqakd eval``): the config's architecture and
-    policy, with weights from ``weights`` (a run's model.safetensors or a teacher checkpoint)."""
-    network, bundle, device = load_trained_model(config, weights)
+    policy, with weights from ``weights`` (a run's model.safetensors or a teacher checkpoint),
+    their keys renamed by ``key_map`` (see :func:`load_trained_model`)."""
+    network, bundle, device = load_trained_model(config, weights, key_map)
     return evaluate(network, evaluation_loader(bundle, config, device), device)

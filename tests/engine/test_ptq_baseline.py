@@ -30,8 +30,20 @@ def test_zero_epochs_writes_the_ptq_accuracy(image_tree, teacher_weights, tmp_pa
     assert set(summary["calibrated"]) >= {"top1", "top5"}
     assert summary["last"]["top1"] == summary["calibrated"]["top1"] == result.calibrated["top1"]
     log = (tmp_path / "ptq" / "train.log").read_text()
-    assert "calibrated student before training (PTQ, 1 calibration batch(es)): top-1" in log
+    assert (
+        "calibrated student before training (PTQ, 1 calibration batch(es), observer native)" in log
+    )
     assert "inputs normalised with mean (" in log
+
+
+def test_a_ptq_run_with_an_observer_names_it(image_tree, teacher_weights, tmp_path):
+    config = _config(
+        image_tree, teacher_weights, tmp_path / "mse", "train.epochs=0", "quant.observer=mse"
+    )
+    result = quantize(config)
+    assert "top1" in result.calibrated
+    log = (tmp_path / "mse" / "train.log").read_text()
+    assert "(PTQ, 1 calibration batch(es), observer mse): top-1" in log
 
 
 def test_a_qat_run_reports_its_calibrated_accuracy(image_tree, teacher_weights, tmp_path):

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from sqakd.distill import kd_kl_divergence
 from sqakd.export import export_onnx, verify_onnx
 from sqakd.quant import (
+    LayerOverride,
     QuantConv1d,
     QuantConv2d,
     QuantConv3d,
@@ -234,3 +235,35 @@ def test_a_forward_that_cannot_be_traced_names_the_layer(tmp_path):
         ValueError, match=r"cannot be traced for ONNX export: in layer features\.0 "
     ):
         export_onnx(student, tmp_path / "m.onnx", input_shape=(1, 5, 64))  # 5 channels, not 1
+
+
+@pytest.mark.parametrize("kind", ["audio", "volume"])
+def test_a_float_first_1d_or_3d_convolution_sums_in_float64_in_both_runtimes(kind, tmp_path):
+    """With the first layer kept in float (the papers' convention), a Conv1d/Conv3d first layer
+    is summed in float64 by PyTorch's inference and by the graph (strided slices, MatMul in
+    double): ONNX Runtime computes the same bits (the head is quantized too: a float32 head
+    would differ in the last bit between the runtimes, as any float32 layer may)."""
+    import onnx
+    import onnxruntime as ort
+
+    from sqakd.quant.float64_sums import FLOAT64_SUM_TWINS
+
+    torch.manual_seed(0)
+    build, _, _ = CASES[kind]
+    data = _inputs(kind, 32)
+    teacher = _fit_batchnorm(build(), data)
+    last = {"head": LayerOverride(weight_bits=4, act_bits=4)}  # a float32 head: order noise
+    student = prepare(teacher, QuantPolicy(method="lsq", overrides=last))
+    first = student.features[0]
+    assert type(first) in set(FLOAT64_SUM_TWINS.values())
+    calibrate(student, [data])
+    student.eval()
+    report = export_onnx(student, tmp_path / "m.onnx", example_inputs=data[:1])
+    assert any("float convolution summed in float64" in note for note in report.notes)
+    proto = onnx.load(tmp_path / "m.onnx")
+    first_ops = {node.op_type for node in proto.graph.node if "/features.0/" in node.name}
+    assert "MatMul" in first_ops and "Conv" not in first_ops
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        expected = student(data).numpy()
+    np.testing.assert_array_equal(session.run(None, {"input": data.numpy()})[0], expected)

@@ -16,7 +16,7 @@ or, where the grids are uniform (all but APoT's), the integer-sums form that
 (:mod:`sqakd.quant.integer_sums`) and ``Add(bias)``; and each
 :class:`~sqakd.quant.batchnorm.AffineBatchNorm2d` becomes ``Mul``/``Add`` with its constants
 (see :mod:`sqakd.quant.grid` for the shifts and containers), and a first convolution kept in
-float (:class:`~sqakd.quant.float64_sums.Float64SumConv2d`) its float64 im2col form. What has no
+float (:class:`~sqakd.quant.float64_sums.Float64SumConv`) its float64 im2col form. What has no
 integer form stays
 in float and is named in the layer's report: weights on non-uniform grids (e.g. APoT) become
 their fake-quantized float values; activations on non-uniform grids become a nearest-level
@@ -41,7 +41,7 @@ from ..quant import QuantGrid, QuantizedLayer, Quantizer, QuantLinear, quantized
 from ..quant import integer_sums as sums
 from ..quant.batchnorm import AffineBatchNorm, ChannelAffine
 from ..quant.deployed import check_calibrated, weight_codes
-from ..quant.float64_sums import Float64SumConv2d, Float64SumConvExport, conv2d_arguments
+from ..quant.float64_sums import Float64SumConv, Float64SumConvExport, conv2d_arguments
 from ..quant.grid import (
     CONTAINERS,
     ActivationForm,
@@ -451,17 +451,17 @@ def build_export_view(
     for name, module in list(view.named_modules()):
         if isinstance(module, AffineBatchNorm):
             replace_module(view, name, _batchnorm_export(module, integer_sums))
-        elif isinstance(module, Float64SumConv2d):
+        elif isinstance(module, Float64SumConv):
             replace_module(view, name, _float64_sum_export(module, integer_sums))
     return view, reports
 
 
-def _float64_sum_export(conv: Float64SumConv2d, integer_sums: bool) -> nn.Module:
-    """What a :class:`Float64SumConv2d` exports as: its float64 sums written out, or a plain
-    ``nn.Conv2d`` (``Conv`` in ONNX, which batch-norm folding and the integer kernels expect)."""
+def _float64_sum_export(conv: Float64SumConv, integer_sums: bool) -> nn.Module:
+    """What a :class:`Float64SumConv` exports as: its float64 sums written out, or a plain
+    ``nn.ConvNd`` (``Conv`` in ONNX, which batch-norm folding and the integer kernels expect)."""
     if integer_sums and conv.quantization_enabled:
         return Float64SumConvExport(conv)
-    plain = nn.Conv2d(**conv2d_arguments(conv))  # type: ignore[arg-type]
+    plain = conv.float_type(**conv2d_arguments(conv))
     plain.load_state_dict(conv.state_dict())
     return plain.eval()
 

@@ -120,6 +120,7 @@ def load_weights(
     key_map: Mapping[str, str] | None = None,
     match: Literal["names", "shapes"] = "names",
     log: Callable[[str], None] | None = None,
+    source: str | None = None,
 ) -> nn.Module:
     """Load a checkpoint file or state dict into ``model`` (in place) and return ``model``.
 
@@ -131,14 +132,15 @@ def load_weights(
     not match without it. Any shape mismatch is an error; missing or unexpected keys are an
     error when ``strict`` (the message names the first few of each, with counts, and proposes
     the key map when the shapes match one to one in order). ``match="shapes"`` pairs such keys
-    in order and calls ``log`` with every pairing.
+    in order and calls ``log`` with every pairing. ``source`` names the weights in messages
+    (default: the file, or "the state dict").
     """
     if isinstance(path_or_state_dict, Mapping):
-        state = normalise_state_dict(path_or_state_dict, source="the state dict")
-        source = "the state dict"
+        source = source or "the state dict"
+        state = normalise_state_dict(path_or_state_dict, source=source)
     else:
         state = read_state_dict(path_or_state_dict)
-        source = f"checkpoint {path_or_state_dict}"
+        source = source or f"checkpoint {path_or_state_dict}"
     expected = model.state_dict()
     if key_map:
         state = rename_keys(state, key_map, source)

@@ -27,6 +27,7 @@ float32 grid values, batch norm and the rest of the network.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -36,6 +37,11 @@ from .grid import CONTAINERS, QuantGrid, activation_form, broadcast_channels
 from .integer_sums import IntegerInput
 
 Role = Literal["weight", "activation"]
+#: how a quantizer takes a range from an observer (:mod:`sqakd.quant.observers`): ``symmetric``
+#: clips to ``[-c, c]``, ``unsigned`` to ``[0, c]``, ``asymmetric`` to ``[low, high]``
+RangeKind = Literal["symmetric", "unsigned", "asymmetric"]
+#: an observer: ``(quantizer, tensor) -> (low, high)``, 0-d or per channel
+Observer = Callable[["Quantizer", Tensor], tuple[Tensor, Tensor]]
 MIN_BITS, MAX_BITS = 1, 8
 #: the float types of mixed precision, in which no quantization arithmetic runs
 REDUCED_FLOATS = (torch.bfloat16, torch.float16)
@@ -99,6 +105,10 @@ class Quantizer(nn.Module):
     #: others have one way only). Set per model by ``prepare(..., compiled_kernels=...)`` or
     #: :func:`sqakd.quant.set_compiled_kernels`; not part of the ``state_dict``.
     compiled_kernels: bool = False
+    #: sets the range at initialisation in place of :meth:`initialize`'s own rule (``None``: the
+    #: method's own); set by :func:`~sqakd.quant.prepare` from ``QuantPolicy.observer``, only on
+    #: quantizers with a :attr:`range_kind`. Not part of the ``state_dict``.
+    observer: Observer | None = None
 
     def __init__(
         self,
@@ -130,6 +140,18 @@ class Quantizer(nn.Module):
         """The fake-quantized forward, carrying the method's gradient rule."""
         raise NotImplementedError
 
+    @property
+    def range_kind(self) -> RangeKind | None:
+        """How :meth:`set_range` reads a range, or ``None`` for a quantizer that takes none (a
+        fixed range, one recomputed at every forward, non-uniform levels). Default: ``None``."""
+        return None
+
+    def set_range(self, low: Tensor, high: Tensor) -> None:
+        """Set the range parameters so that the grid spans ``[low, high]`` (0-d, or ``(C,)`` per
+        channel; ``low = -high`` for a symmetric kind, ``0`` for an unsigned one). Implemented by
+        the quantizers with a :attr:`range_kind`."""
+        raise NotImplementedError(f"quantizer {self.method!r} takes no range")
+
     def grid(self) -> QuantGrid:
         """The integer grid currently in use (after initialisation)."""
         raise NotImplementedError
@@ -158,8 +180,12 @@ class Quantizer(nn.Module):
 
     @torch.no_grad()
     def calibrate(self, x: Tensor) -> None:
-        """Initialise the range from data now (normally done on the first forward)."""
-        self.initialize(x.detach())
+        """Initialise the range from data now (normally done on the first forward): the method's
+        own :meth:`initialize`, then, with an :attr:`observer`, the observer's range."""
+        x = x.detach()
+        self.initialize(x)
+        if self.observer is not None and self.range_kind is not None:
+            self.set_range(*self.observer(self, x))
         self.initialized.fill_(True)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from .base import REDUCED_FLOATS, Quantizer, refuse_reduced_floats
 from .batchnorm import AffineBatchNorm
 from .deployed import deployed_weight
-from .float64_sums import Float64SumConv2d, conv2d_arguments
+from .float64_sums import Float64SumConv, conv2d_arguments
 from .integer_sums import (
     IntegerWeight,
     channel_shaped,
@@ -381,7 +381,7 @@ def twin_for(module: nn.Module) -> tuple[type[QuantizedLayer] | None, str]:
     """``(twin, "")`` for a layer prepare() can swap: one of :data:`QUANTIZED_TWINS`' float
     types, or a subclass of one that keeps its parent's forward (timm-style subclasses that only
     add a constructor); ``(None, reason)`` for a subclass with its own forward."""
-    if isinstance(module, (QuantizedLayer, Float64SumConv2d)):
+    if isinstance(module, (QuantizedLayer, Float64SumConv)):
         return None, ""
     for float_type, twin in QUANTIZED_TWINS.items():
         if type(module) is float_type:
@@ -416,10 +416,10 @@ def quantizers(model: nn.Module) -> list[tuple[str, Quantizer]]:
 def set_quantization(model: nn.Module, enabled: bool) -> None:
     """Switch fake quantization on or off in every quantized layer, and the deployment
     arithmetic of every :class:`~sqakd.quant.batchnorm.AffineBatchNorm2d` and
-    :class:`~sqakd.quant.float64_sums.Float64SumConv2d` with it (off = the float model,
+    :class:`~sqakd.quant.float64_sums.Float64SumConv` with it (off = the float model,
     exactly)."""
     for module in model.modules():
-        if isinstance(module, (QuantizedLayer, AffineBatchNorm, Float64SumConv2d)):
+        if isinstance(module, (QuantizedLayer, AffineBatchNorm, Float64SumConv)):
             module.quantization_enabled = enabled
 
 

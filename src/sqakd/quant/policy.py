@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .base import MAX_BITS, MIN_BITS
 
@@ -58,6 +58,10 @@ class QuantPolicy(BaseModel):
         weight_options / act_options: options for the weight or activation quantizers only
             (e.g. ``act_options: {init_alpha: 8}`` for PACT activations with LSQ weights).
         overrides: ``{pattern: LayerOverride}``, applied in order; later patterns win.
+        observer: how calibration sets the ranges (see :mod:`sqakd.quant.observers`): ``native``
+            (each quantizer's own initialisation), ``minmax``, ``percentile`` or ``mse``, for the
+            quantizers that take a range (the others keep their own rule, named in one warning).
+        observer_percentile: the percentile of ``observer: percentile``, above 50, at most 100.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -73,6 +77,19 @@ class QuantPolicy(BaseModel):
     weight_options: dict[str, Any] = {}
     act_options: dict[str, Any] = {}
     overrides: dict[str, LayerOverride] = {}
+    observer: str = "native"
+    observer_percentile: float = Field(99.99, gt=50.0, le=100.0)
 
     _bits = field_validator("weight_bits", "act_bits")(_check_policy_bits)
     _methods = field_validator("method", "weight_method", "act_method")(_check_method)
+
+    @field_validator("observer")
+    @classmethod
+    def _registered_observer(cls, value: str) -> str:
+        from .observers import available_observers
+
+        if value not in available_observers():
+            raise ValueError(
+                f"unknown observer {value!r}; choose one of: {', '.join(available_observers())}"
+            )
+        return value

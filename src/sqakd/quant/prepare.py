@@ -12,8 +12,9 @@ from torch import nn
 
 from .base import Quantizer, refuse_reduced_float_model
 from .batchnorm import AFFINE_BATCHNORMS, AffineBatchNorm
-from .float64_sums import Float64SumConv2d, can_sum_in_float64
+from .float64_sums import Float64SumConv, can_sum_in_float64, float64_sum_twin
 from .layers import QuantizedLayer, quantizers, set_compiled_kernels, twin_for
+from .observers import build_observer
 from .policy import FLOAT_BITS, QuantPolicy
 from .registry import build_quantizer, quantizer_class
 
@@ -131,7 +132,7 @@ def _method_label(plan: LayerPlan) -> str:
 def _unsupported_reason(module: nn.Module) -> str | None:
     """Why a leaf layer with weights stays in float (``None`` for layers prepare() handles and
     for modules without weights of their own)."""
-    if isinstance(module, (QuantizedLayer, Quantizer, Float64SumConv2d, _NORMALISATION)):
+    if isinstance(module, (QuantizedLayer, Quantizer, Float64SumConv, _NORMALISATION)):
         return None
     twin, reason = twin_for(module)
     if twin is not None:
@@ -258,8 +259,8 @@ def prepare(
     in float and appear in :func:`plan`'s table. When any layer is quantized, every
     ``nn.BatchNorm2d`` becomes an :class:`~sqakd.quant.batchnorm.AffineBatchNorm2d` (same
     parameters and training behaviour; in eval mode the affine ``x * alpha + beta`` that the
-    exported graph computes too), and a first convolution kept in float becomes a
-    :class:`~sqakd.quant.float64_sums.Float64SumConv2d` (in inference, summed in float64 as the
+    exported graph computes too), and a first ungrouped ``nn.Conv1d/2d/3d`` kept in float becomes
+    a :class:`~sqakd.quant.float64_sums.Float64SumConv` (in inference, summed in float64 as the
     exported graph does too).
 
     ``compiled_kernels``: the quantizers run their fused kernels through ``torch.compile``
@@ -286,7 +287,7 @@ def prepare(
         act_q = _make(decision.act_method, decision.act_bits, "activation", policy)
         layer = twin.from_float(float_layer, weight_q, act_q)  # type: ignore[attr-defined]
         replace_module(prepared, decision.name, layer.to(float_layer.weight.device))
-    notes = []
+    notes = _attach_observer(prepared, policy)
     if any(decision.quantized for decision in decisions):
         notes += _use_affine_batchnorm(prepared)
         _sum_float_first_layer_in_float64(prepared, decisions)
@@ -310,15 +311,44 @@ def _warn(decisions: QuantPlan, notes: list[str]) -> None:
         warnings.warn(f"sqakd.prepare: {note}", UserWarning, stacklevel=3)
 
 
+def _attach_observer(model: nn.Module, policy: QuantPolicy) -> list[str]:
+    """Give every quantizer that takes a range the policy's observer (none for ``native``).
+    Returns one line naming the quantizers that take none and keep their own initialisation;
+    refuses an observer that no quantizer of the model would use."""
+    observer = build_observer(policy.observer, policy.observer_percentile)
+    if observer is None:
+        return []
+    kept, used = set(), 0
+    for _, quantizer in quantizers(model):
+        if quantizer.range_kind is None:
+            kept.add(f"{quantizer.method} {quantizer.role}s")
+        else:
+            quantizer.observer = observer
+            used += 1
+    if kept and not used:
+        raise ValueError(
+            f"quant.observer={policy.observer} would set no range: {', '.join(sorted(kept))} take "
+            f"none (fixed, non-uniform or recomputed at every forward); use quant.observer=native, "
+            f"or lsq, lsq+, ewgs, ste, dsq (weights and activations), pact or minmax (activations)"
+        )
+    if not kept:
+        return []
+    return [
+        f"quant.observer={policy.observer} does not apply to {', '.join(sorted(kept))} (they take "
+        f"no range): they keep their own initialisation"
+    ]
+
+
 def _sum_float_first_layer_in_float64(model: nn.Module, decisions: QuantPlan) -> None:
-    """Swap the first layer, when the policy keeps it in float, for :class:`Float64SumConv2d`,
-    whose inference an exported graph repeats bit for bit (see :mod:`sqakd.quant.float64_sums`)."""
+    """Swap the first layer, when the policy keeps it in float and is an ungrouped
+    ``nn.Conv1d/2d/3d``, for its :class:`Float64SumConv` twin, whose inference an exported graph
+    repeats bit for bit (see :mod:`sqakd.quant.float64_sums`)."""
     first = next((d for d in decisions if d.supported), None)
     if first is None or first.quantized:
         return
     layer = model.get_submodule(first.name)
     if can_sum_in_float64(layer):
-        replace_module(model, first.name, Float64SumConv2d.from_float(layer))
+        replace_module(model, first.name, float64_sum_twin(layer))
 
 
 def _use_affine_batchnorm(model: nn.Module) -> list[str]:
@@ -385,10 +415,10 @@ def describe(model: nn.Module) -> QuantPlan:
                 weights=module.weight.numel(),
             )
         elif name not in skipped and (
-            twin_for(module)[0] is not None or isinstance(module, Float64SumConv2d)
+            twin_for(module)[0] is not None or isinstance(module, Float64SumConv)
         ):
             note = "float"
-            if isinstance(module, Float64SumConv2d):
+            if isinstance(module, Float64SumConv):
                 note = "float, summed in float64 in inference"
             shape = tuple(module.weight.shape)  # type: ignore[union-attr]
             row = LayerPlan(

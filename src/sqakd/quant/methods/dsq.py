@@ -31,7 +31,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..base import QuantGrid, Quantizer, Role, broadcast_channels, per_channel_reduce
+from ..base import (
+    QuantGrid,
+    Quantizer,
+    RangeKind,
+    Role,
+    broadcast_channels,
+    per_channel_reduce,
+)
 from ..kernels import DSQ_ALPHA_RANGE, DSQ_MIN_WIDTH, dsq_fake_quantize, dsq_step
 from ..registry import register_quantizer
 
@@ -72,6 +79,17 @@ class DSQQuantizer(Quantizer):
             upper = x.max()
         self.lower.data = lower.clone()
         self.upper.data = torch.maximum(upper, lower + DSQ_MIN_WIDTH).clone()
+
+    @property
+    def range_kind(self) -> RangeKind:
+        if self.signed:
+            return "symmetric" if self.role == "weight" else "asymmetric"
+        return "unsigned"
+
+    def set_range(self, low: Tensor, high: Tensor) -> None:
+        """``l = low``, ``u = high`` (at least the minimum width apart)."""
+        self.lower.data = low.clone()
+        self.upper.data = torch.maximum(high, low + DSQ_MIN_WIDTH).clone()
 
     def _range(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``(l, u, Delta)`` broadcast against ``x``."""

@@ -30,7 +30,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..base import QuantGrid, Quantizer, Role, broadcast_channels, per_channel_reduce
+from ..base import (
+    QuantGrid,
+    Quantizer,
+    RangeKind,
+    Role,
+    broadcast_channels,
+    per_channel_reduce,
+)
 from ..kernels import ewgs_fake_quantize
 from ..registry import register_quantizer
 
@@ -100,6 +107,16 @@ class EWGSQuantizer(Quantizer):
         else:
             self.upper.data = (x.std() / math.sqrt(1 - 2 / math.pi) * 3.0).clone()
             self.lower.data = x.min().clone()
+
+    @property
+    def range_kind(self) -> RangeKind:
+        return "symmetric" if self.role == "weight" else "asymmetric"
+
+    def set_range(self, low: Tensor, high: Tensor) -> None:
+        """``lower = low``, ``upper = high`` (at least 1e-8 apart); a weight's output scale is
+        then set by :meth:`match_output` as usual."""
+        self.lower.data = low.clone()
+        self.upper.data = torch.maximum(high, low + 1e-8).clone()
 
     def normalise(self, x: Tensor) -> Tensor:
         lower = broadcast_channels(self.lower, x, self.channel_axis)

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from ..base import (
     QuantGrid,
     Quantizer,
+    RangeKind,
     Role,
     broadcast_channels,
     per_channel_reduce,
@@ -88,6 +89,15 @@ class LSQQuantizer(Quantizer):
         mean_abs = self._reduce(x, "absmean")
         step = mean_abs if self.binary else 2 * mean_abs / math.sqrt(self.positive_levels)
         self.step_size.data = step.clamp_min(1e-8).clone()
+
+    @property
+    def range_kind(self) -> RangeKind:
+        return "symmetric" if self.signed else "unsigned"
+
+    def set_range(self, low: Tensor, high: Tensor) -> None:
+        """``s = c / Qp`` for ``[-c, c]`` (``s = c`` at signed 1 bit: levels ``+-c``), ``s = c / (2**b
+        - 1)`` for ``[0, c]``: the top level is ``c``."""
+        self.step_size.data = (high / self.positive_levels).clamp_min(1e-8).clone()
 
     def gradient_scale(self, x: Tensor) -> float:
         """``g = 1 / sqrt(N * Qp)``: N elements per channel (weights) or per example (activations)."""
@@ -148,6 +158,17 @@ class LSQPlusQuantizer(LSQQuantizer):
             mean, std = self._reduce(x, "mean"), self._reduce(x, "std")
             peak = torch.maximum((mean - 3 * std).abs(), (mean + 3 * std).abs())
             self.step_size.data = (peak / 2 ** (self.bits - 1)).clamp_min(1e-8).clone()
+
+    @property
+    def range_kind(self) -> RangeKind:
+        return "asymmetric" if self.role == "activation" else super().range_kind
+
+    def set_range(self, low: Tensor, high: Tensor) -> None:
+        """Activations: ``s = (high - low) / (2**b - 1)``, ``beta = low``; weights as LSQ."""
+        if self.role != "activation":
+            return super().set_range(low, high)
+        self.step_size.data = ((high - low) / (2**self.bits - 1)).clamp_min(1e-8).clone()
+        self.offset.data = low.clone()
 
     def step_and_shift(self, grad_scale: float = 1.0) -> tuple[Tensor, Tensor]:
         if self.role == "weight":

@@ -23,7 +23,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..base import QuantGrid, Quantizer, Role, broadcast_channels, per_channel_reduce
+from ..base import (
+    QuantGrid,
+    Quantizer,
+    RangeKind,
+    Role,
+    broadcast_channels,
+    per_channel_reduce,
+)
 from ..registry import register_quantizer
 
 MIN_SCALE = 1e-8
@@ -72,6 +79,17 @@ class MinMaxQuantizer(Quantizer):
 
     def initialize(self, x: Tensor) -> None:
         self.min_value, self.max_value = (v.clone() for v in self._batch_range(x))
+
+    @property
+    def range_kind(self) -> RangeKind | None:
+        """Activations: the starting range of the moving average; weights take none (their
+        range is the current weight's min/max at every forward)."""
+        return "asymmetric" if self.role == "activation" else None
+
+    def set_range(self, low: Tensor, high: Tensor) -> None:
+        if self.role != "activation":
+            return super().set_range(low, high)
+        self.min_value, self.max_value = low.clone(), high.clone()
 
     @torch.no_grad()
     def observe(self, x: Tensor) -> None:

@@ -22,7 +22,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from ..base import QuantGrid, Role
+from ..base import QuantGrid, RangeKind, Role
 from ..kernels import pact_fake_quantize
 from ..registry import register_quantizer
 from .dorefa import DoReFaQuantizer
@@ -57,6 +57,16 @@ class PACTQuantizer(DoReFaQuantizer):
     def initialize(self, x: Tensor) -> None:
         if self.role == "activation" and self.init_alpha == "max":
             self.alpha.data.fill_(float(x.max().clamp_min(1e-8)))
+
+    @property
+    def range_kind(self) -> RangeKind | None:
+        """Activations ``[0, alpha]``; the weights are DoReFa's, which take no range."""
+        return "unsigned" if self.role == "activation" else None
+
+    def set_range(self, low: Tensor, high: Tensor) -> None:
+        if self.role != "activation":
+            return super().set_range(low, high)
+        self.alpha.data = high.clamp_min(1e-8).to(self.alpha).clone()
 
     def quantize(self, x: Tensor) -> Tensor:
         if self.role == "weight":

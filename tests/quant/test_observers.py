@@ -1,0 +1,221 @@
+"""Calibration observers (minmax, percentile, mse) against brute-force references, and through
+prepare + calibrate on a small model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from sqakd.config import load_config
+from sqakd.quant import QuantPolicy, build_quantizer, calibrate, prepare, quantized_layers
+from sqakd.quant.observers import (
+    MinMaxObserver,
+    MSEObserver,
+    PercentileObserver,
+    available_observers,
+    build_observer,
+)
+
+
+def _with_outliers(seed: int = 0, size: int = 400) -> torch.Tensor:
+    torch.manual_seed(seed)
+    x = torch.randn(size)
+    x[:3] = torch.tensor([14.0, -11.0, 9.0])
+    return x
+
+
+def _hand_percentile(values: torch.Tensor, percent: float) -> torch.Tensor:
+    """The sorted-array definition: interpolate linearly between order statistics."""
+    ordered = sorted(values.tolist())
+    position = percent / 100 * (len(ordered) - 1)
+    below = int(position)
+    above = min(below + 1, len(ordered) - 1)
+    return torch.tensor(ordered[below] + (ordered[above] - ordered[below]) * (position - below))
+
+
+def _lsq_error(x: torch.Tensor, clip: torch.Tensor | float, bits: int = 4) -> torch.Tensor:
+    """Brute-force signed LSQ grid written out: step c / (2**(b-1) - 1), codes -2**(b-1)..."""
+    top = 2 ** (bits - 1) - 1
+    step = torch.as_tensor(clip, dtype=torch.float64) / top
+    x = x.double()
+    codes = torch.clamp(torch.round(x / step), -top - 1, top)
+    return (codes * step - x).square().mean()
+
+
+def _affine_error(x: torch.Tensor, low: float, high: float, bits: int = 4) -> torch.Tensor:
+    """Brute-force affine grid ``low + k (high - low) / n``, k = 0..n (EWGS's activations)."""
+    n = 2**bits - 1
+    step = (high - low) / n
+    x = x.double()
+    codes = torch.clamp(torch.round((x - low) / step), 0, n)
+    return (low + codes * step - x).square().mean()
+
+
+# ------------------------------------------------------------------------------------- percentile
+@pytest.mark.parametrize("percent", [99.99, 99.0, 90.0, 100.0])
+def test_percentile_of_abs_x_is_torch_quantile_and_the_sorted_array_value(percent):
+    x = _with_outliers()
+    quantizer = build_quantizer("lsq", 4, "weight")
+    low, high = PercentileObserver(percent)(quantizer, x)
+    expected = torch.quantile(x.abs().double(), percent / 100).float()  # q in float64, as ours
+    torch.testing.assert_close(high, expected)
+    torch.testing.assert_close(high, _hand_percentile(x.abs(), percent))
+    torch.testing.assert_close(low, -high)
+
+
+def test_percentile_per_side_for_a_two_sided_range_and_per_channel():
+    x = _with_outliers().reshape(4, 100) + 0.5
+    quantizer = build_quantizer("lsq+", 4, "activation")
+    low, high = PercentileObserver(99.0)(quantizer, x)
+    torch.testing.assert_close(high, _hand_percentile(x.reshape(-1), 99.0))
+    torch.testing.assert_close(low, _hand_percentile(x.reshape(-1), 1.0).clamp(max=0.0))
+    weights = build_quantizer("lsq", 4, "weight", per_channel=True)
+    _, per_channel = PercentileObserver(95.0)(weights, x)
+    torch.testing.assert_close(per_channel, torch.quantile(x.abs().double(), 0.95, dim=1).float())
+    unsigned = build_quantizer("lsq", 4, "activation")
+    low, high = PercentileObserver(95.0)(unsigned, x)
+    assert float(low) == 0.0
+    torch.testing.assert_close(high, torch.quantile(x.reshape(-1).double(), 0.95).float())
+
+
+def test_calibrate_sets_the_percentile_clip_as_the_top_level():
+    x = _with_outliers()
+    quantizer = build_quantizer("lsq", 4, "weight")
+    quantizer.observer = build_observer("percentile", 99.0)
+    quantizer.calibrate(x)
+    torch.testing.assert_close(quantizer.step_size * 7, _hand_percentile(x.abs(), 99.0))
+
+
+# ------------------------------------------------------------------------------------------- mse
+def test_the_mse_clip_is_the_minimiser_of_an_exhaustive_fine_search():
+    x = _with_outliers()
+    quantizer = build_quantizer("lsq", 4, "weight")
+    _, clip = MSEObserver()(quantizer, x)
+    peak = float(x.abs().max())
+    candidates = torch.linspace(peak / 20000, peak, 20000, dtype=torch.float64)
+    errors = torch.stack([_lsq_error(x, c) for c in candidates])
+    best = int(errors.argmin())
+    assert float(_lsq_error(x, clip)) <= float(errors[best]) * (1 + 1e-3)
+    assert abs(float(clip) - float(candidates[best])) <= peak / 1000  # the same basin
+    assert float(_lsq_error(x, clip)) < float(_lsq_error(x, peak))  # min/max's clip
+
+
+def test_the_mse_range_of_a_two_sided_grid_beats_min_max_and_a_fine_search():
+    x = _with_outliers(1).abs() - 0.3  # mostly positive, some negatives, outliers above
+    quantizer = build_quantizer("ewgs", 4, "activation")
+    low, high = MSEObserver()(quantizer, x)
+    low0, high0 = MinMaxObserver()(quantizer, x)
+    assert float(low0) == float(x.min()) and float(high0) == float(x.max())
+    fractions = torch.linspace(1 / 20000, 1.0, 20000)
+    errors = torch.stack([_affine_error(x, float(f * low0), float(f * high0)) for f in fractions])
+    ours = _affine_error(x, float(low), float(high))
+    assert float(ours) <= float(errors.min()) * (1 + 1e-3)
+    assert float(ours) < float(_affine_error(x, float(low0), float(high0)))
+
+
+def test_mse_per_channel_picks_each_channels_own_clip():
+    x = torch.stack([_with_outliers(2), torch.randn(400) * 0.1])
+    quantizer = build_quantizer("lsq", 4, "weight", per_channel=True)
+    _, clip = MSEObserver()(quantizer, x)
+    for row, value in zip(x, clip):
+        _, alone = MSEObserver()(build_quantizer("lsq", 4, "weight"), row)
+        torch.testing.assert_close(value, alone)
+
+
+# ---------------------------------------------------------------------------- prepare + calibrate
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(), nn.Flatten(),
+        nn.Linear(8 * 4 * 4, 4),
+    )  # fmt: skip
+
+
+def _calibrated(method: str, observer: str, inputs: dict[str, torch.Tensor]) -> nn.Module:
+    """A prepared, calibrated student; ``inputs`` gets each quantized layer's calibration input."""
+    student = prepare(
+        _model(), QuantPolicy(method=method, first_last="same", observer=observer), inplace=True
+    )
+    for name, layer in quantized_layers(student):
+        layer.register_forward_pre_hook(lambda _, args, name=name: inputs.setdefault(name, args[0]))
+    torch.manual_seed(1)
+    calibrate(student, [torch.randn(16, 3, 8, 8)])
+    return student
+
+
+@pytest.mark.parametrize("method", ["lsq", "ewgs"])
+def test_each_observer_gives_its_own_on_grid_ranges(method):
+    """After calibrate, every range is the observer's range of the tensor the quantizer saw
+    (its top and bottom levels), the quantizer's output lies on its grid, and the four
+    observers give four different sets of ranges."""
+    ranges = {}
+    for observer in ("native", "minmax", "percentile", "mse"):
+        inputs: dict[str, torch.Tensor] = {}
+        student = _calibrated(method, observer, inputs)
+        found = []
+        for name, layer in quantized_layers(student):
+            for quantizer, x in ((layer.weight_quantizer, layer.weight), (layer.act_quantizer, inputs[name])):  # fmt: skip
+                assert (quantizer.observer is None) == (observer == "native")
+                grid = quantizer.grid()
+                scale, zero = grid.input_scale, grid.input_zero_point
+                top = (grid.qmax - zero) * scale  # the highest level, in x's units
+                found.append(float(top))
+                with torch.no_grad():  # the fake-quantized values are grid levels
+                    torch.testing.assert_close(
+                        quantizer(x), grid.dequantize(quantizer.codes(x)), rtol=0, atol=1e-6
+                    )
+                if observer == "native":
+                    continue
+                low, high = build_observer(observer)(quantizer, x)
+                if method == "lsq" and quantizer.role == "weight":  # codes -8..7, clip at 7
+                    torch.testing.assert_close(scale * 7, high)
+                else:
+                    torch.testing.assert_close(top, high)
+                    torch.testing.assert_close(-zero * scale, low)  # the lowest level
+        ranges[observer] = found
+    values = list(ranges.values())
+    assert all(a != b for i, a in enumerate(values) for b in values[i + 1 :])
+
+
+def test_native_is_each_quantizers_own_initialisation():
+    assert available_observers() == ["native", "minmax", "mse", "percentile"]
+    assert build_observer("native") is None
+    plain = prepare(_model(), QuantPolicy(method="lsq", first_last="same"))
+    named = prepare(_model(), QuantPolicy(method="lsq", first_last="same", observer="native"))
+    torch.manual_seed(1)
+    images = torch.randn(16, 3, 8, 8)
+    calibrate(plain, [images]), calibrate(named, [images])
+    for (_, a), (_, b) in zip(quantized_layers(plain), quantized_layers(named)):
+        assert a.weight_quantizer.observer is None
+        torch.testing.assert_close(a.weight_quantizer.step_size, b.weight_quantizer.step_size)
+        x = a.weight.detach()
+        torch.testing.assert_close(
+            a.weight_quantizer.step_size, 2 * x.abs().mean() / 7**0.5
+        )  # LSQ's rule
+
+
+def test_quantizers_without_a_range_keep_their_rule_with_one_warning_or_are_refused():
+    policy = QuantPolicy(method="lsq", weight_method="binary", weight_bits=1, first_last="same",
+                         observer="mse")  # fmt: skip
+    with pytest.warns(UserWarning, match=r"observer=mse does not apply to binary weights") as seen:
+        student = prepare(_model(), policy)
+    assert sum("observer" in str(w.message) for w in seen) == 1
+    layer = quantized_layers(student)[0][1]
+    assert layer.weight_quantizer.observer is None and layer.act_quantizer.observer is not None
+    with pytest.raises(ValueError, match=r"^quant.observer=percentile would set no range: dorefa"):
+        prepare(_model(), QuantPolicy(method="dorefa", observer="percentile"))
+    apot = QuantPolicy(method="apot", observer="minmax")
+    with pytest.raises(ValueError, match="apot activations, apot weights take none"):
+        prepare(_model(), apot)
+
+
+def test_the_policy_validates_the_observer_at_the_edge():
+    config = load_config(None, ["quant.observer=percentile", "quant.observer_percentile=99.9"])
+    assert (config.quant.observer, config.quant.observer_percentile) == ("percentile", 99.9)
+    with pytest.raises(ValueError, match="unknown observer 'l2'; choose one of: native, minmax"):
+        load_config(None, ["quant.observer=l2"])
+    with pytest.raises(ValueError, match="observer_percentile"):
+        load_config(None, ["quant.observer_percentile=40"])
+    with pytest.raises(ValueError, match="above 50 and at most 100"):
+        PercentileObserver(101.0)
