@@ -363,7 +363,7 @@ def demo(
     data: Annotated[Path, typer.Option(help="folder with the Fashion-MNIST IDX .gz files")] = Path(
         "/usr/share/datasets/fashion-mnist"
     ),
-    teacher_epochs: int = 6,
+    teacher_epochs: int = 5,
     steps: Annotated[
         int, typer.Option(help="optimizer steps per student (the same for every student)")
     ] = 240,

