@@ -344,7 +344,23 @@ def _find_layer_outputs(proto, layers: list[LayerExport]) -> None:  # type: igno
         made = {name for node in inside for name in node.output} | constants
         outer = list(dict.fromkeys(n for node in inside for n in node.input if n and n not in made))
         if len(outer) == 1:
-            layer.input = outer[0]
+            layer.input = _shared_input(proto, layers, layer, outer[0])
+
+
+def _shared_input(proto, layers: list[LayerExport], layer: LayerExport, tensor: str) -> str:  # type: ignore[no-untyped-def]
+    """The input of ``layer`` given the one outside tensor its nodes read. Layers that read one
+    input with equal quantizer constants (an attention's query, key and value projections)
+    share their first nodes once the exporter has merged equal subgraphs, so ``tensor`` may be
+    made inside an earlier layer's scope without being its output: the layer's input is then
+    that earlier layer's (what PyTorch hands both)."""
+    producer = next((node for node in proto.graph.node if tensor in node.output), None)
+    if producer is None:
+        return tensor
+    for other in layers:
+        prefix = _scope(other.name) if other.name else "/"
+        if other is not layer and other.input and producer.name.startswith(prefix):
+            return tensor if tensor == other.output else other.input
+    return tensor
 
 
 def _batchnorm_note(proto, folded: int | None) -> str:  # type: ignore[no-untyped-def]

@@ -61,6 +61,12 @@ class QuantizedLayer(nn.Module):
         self._pinned_weight = (values.detach().clone(), self.weight._version)
         self._pinned_integer = integer
 
+    def weight_key(self, name: str) -> str:
+        """The ``state_dict`` key of the float parameter that holds this layer's weight, for
+        the layer at qualified ``name`` (its own ``weight``; an attention projection's is the
+        attention's ``in_proj_weight``, shared with the other two)."""
+        return f"{name}.weight" if name else "weight"
+
     def _live_pin(self) -> Tensor | None:
         """The pinned weight values, or ``None`` (dropping a pin the weight has outdated)."""
         if self._pinned_weight is None:
