@@ -57,7 +57,11 @@ class QuantPolicy(BaseModel):
         method_options: keyword options given to every quantizer (e.g. ``{"delta": 0.001}``).
         weight_options / act_options: options for the weight or activation quantizers only
             (e.g. ``act_options: {init_alpha: 8}`` for PACT activations with LSQ weights).
-        overrides: ``{pattern: LayerOverride}``, applied in order; later patterns win.
+        overrides: ``{pattern: LayerOverride}``, applied in order; later patterns win. An
+            ``nn.MultiheadAttention``'s projections are matched as ``<name>.q_proj``,
+            ``.k_proj``, ``.v_proj`` and ``.out_proj``.
+        embeddings: quantize the weights of ``nn.Embedding`` layers too (their inputs are
+            indices, so they get no input quantizer); off by default, embeddings stay in float.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -73,6 +77,7 @@ class QuantPolicy(BaseModel):
     weight_options: dict[str, Any] = {}
     act_options: dict[str, Any] = {}
     overrides: dict[str, LayerOverride] = {}
+    embeddings: bool = False
 
     _bits = field_validator("weight_bits", "act_bits")(_check_policy_bits)
     _methods = field_validator("method", "weight_method", "act_method")(_check_method)
