@@ -515,3 +515,54 @@ def test_a_deeper_transformer_differs_in_onnxruntime_only_through_its_float_atte
     assert len(report.per_layer) == 14  # embedding, 2 x (4 projections, up, down), head
     assert all(v == 0.0 for v in report.per_layer.values())
     assert report.max_abs_diff <= ORT_TOLERANCE and report.agreement >= 1 - ORT_DIFFERING
+
+
+class Encoder(nn.Module):
+    """Token ids -> (N, T, V) logits through PyTorch's own nn.TransformerEncoder (two layers)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCABULARY, WIDTH)
+        layer = nn.TransformerEncoderLayer(WIDTH, HEADS, 2 * WIDTH, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2)
+        self.head = nn.Linear(WIDTH, VOCABULARY)
+
+    def forward(self, tokens: torch.Tensor, padding: torch.Tensor | None = None) -> torch.Tensor:
+        return self.head(self.encoder(self.embed(tokens), src_key_padding_mask=padding))
+
+
+def test_transformer_encoder_layers_run_their_quantized_layers_in_inference(tmp_path):
+    """nn.TransformerEncoderLayer's fused inference kernel reads the float weights directly;
+    prepare() turns it off where quantized layers are inside, so calibration and inference go
+    through them. The layers sit in a ModuleList (no scope of its own in the ONNX graph): each
+    is still found and checked in isolation."""
+    torch.manual_seed(0)
+    teacher = Encoder().eval()
+    student = prepare(teacher, POLICY)
+    kinds = [type(m).__name__ for _, m in quantized_layers(student)]
+    assert kinds.count("AttentionProjection") == 6 and kinds.count("QuantLinear") == 2 * 3 + 1
+    data = tokens()
+    padding = torch.zeros(data.shape, dtype=torch.bool)
+    padding[0, -2:] = True
+    calibrate(student, [data])  # eval, no autograd: the fused kernel would skip every quantizer
+    assert all(bool(layer.calibrated) for _, layer in quantized_layers(student))
+    student.eval()
+    with torch.no_grad():
+        inference = student(data, padding)
+    torch.testing.assert_close(inference, student(data, padding).detach(), atol=1e-5, rtol=1e-5)
+    set_quantization(student, False)
+    with torch.no_grad():
+        kept = ~padding  # the fused float kernel leaves padded positions at 0
+        float_out = student(data, padding)[kept]
+        torch.testing.assert_close(float_out, teacher(data, padding)[kept], atol=1e-6, rtol=1e-6)
+
+    set_quantization(student, True)
+    pytest.importorskip("onnxruntime")
+    from sqakd.export import export_onnx, verify_onnx
+
+    data = tokens(64, seed=5)
+    export_onnx(student, tmp_path / "m.onnx", example_inputs=data[:2])
+    report = verify_onnx(tmp_path / "m.onnx", student, data, per_layer=True, class_dim=-1)
+    assert set(report.per_layer) == {name for name, _ in quantized_layers(student)}
+    assert all(v == 0.0 for v in report.per_layer.values())
+    assert report.max_abs_diff <= ORT_TOLERANCE and report.agreement >= 1 - ORT_DIFFERING

@@ -348,6 +348,7 @@ def prepare(
         prepared = _put(prepared, owner, twin.to(attention.out_proj.weight.device))
     notes = []
     if any(decision.quantized for decision in decisions):
+        _skip_fused_transformer_kernels(prepared)
         notes += _use_affine_batchnorm(prepared)
         _sum_float_first_layer_in_float64(prepared, decisions)
     _warn(decisions, notes)
@@ -379,6 +380,24 @@ def _sum_float_first_layer_in_float64(model: nn.Module, decisions: QuantPlan) ->
     layer = model.get_submodule(first.name)
     if can_sum_in_float64(layer):
         replace_module(model, first.name, Float64SumConv2d.from_float(layer))
+
+
+def _skip_fused_transformer_kernels(model: nn.Module) -> None:
+    """``nn.TransformerEncoderLayer`` (and ``nn.TransformerEncoder``, through nested tensors)
+    run one fused kernel in inference (eval, no autograd) that reads the attention's and the
+    linear layers' float weights directly, skipping every quantized layer inside them (and so
+    calibration too). Turn that path off for the ones that hold a quantized layer: an encoder
+    stops converting to nested tensors (``use_nested_tensor``), a layer stops flagging its
+    activation as the kernel's relu/gelu (the flag only picks that kernel; the module path calls
+    ``activation`` itself)."""
+    for module in model.modules():
+        fused = isinstance(module, (nn.TransformerEncoderLayer, nn.TransformerEncoder))
+        if not fused or not any(isinstance(m, QuantizedLayer) for m in module.modules()):
+            continue
+        if isinstance(module, nn.TransformerEncoderLayer):
+            module.activation_relu_or_gelu = 0
+        else:
+            module.use_nested_tensor = False
 
 
 def _use_affine_batchnorm(model: nn.Module) -> list[str]:
