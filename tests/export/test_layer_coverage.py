@@ -1,6 +1,7 @@
 """Layer types beyond Conv2d/Linear: each model gets its layers quantized, trains one step,
 exports, and ONNX Runtime computes what PyTorch computes (bit for bit where every layer with
-weights is quantized; the float attention of a transformer within float noise)."""
+weights is quantized; a transformer's quantized layers exact, its float attention within float
+noise)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from sqakd.quant import (
     calibrate,
     describe,
     prepare,
+    quantized_layers,
 )
 from sqakd.quant.batchnorm import AffineBatchNorm
 
@@ -207,24 +209,24 @@ def test_segmentation_output_is_verified_per_pixel(tmp_path):
     assert f"of {8 * 12 * 12} predictions in 8 images" in str(report)
 
 
-def test_transformer_linears_are_quantized_and_attention_is_named_as_float(tmp_path):
+def test_transformer_linears_and_attention_projections_are_quantized(tmp_path):
     torch.manual_seed(0)
     tokens = _inputs("tokens", 16)
     teacher = TinyTransformer().eval()
     with pytest.warns(UserWarning) as caught:
         student = _prepared(teacher, tokens)
     message = " ".join(str(w.message) for w in caught)
-    assert "attention (MultiheadAttention): nn.MultiheadAttention uses its projection" in message
-    assert "embed (Embedding)" in message
-    assert {n for n, m in student.named_modules() if isinstance(m, QuantLinear)} == {
-        "up", "down", "out"
-    }  # fmt: skip
-    assert type(student.attention.out_proj) is not QuantLinear  # the attention never calls it
+    assert "attention" not in message  # quantized: sqakd.quant.attention
+    assert "embed (Embedding)" in message  # kept in float unless quant.embeddings
+    projections = {f"attention.{p}" for p in ("q_proj", "k_proj", "v_proj", "out_proj")}
+    assert {n for n, _ in quantized_layers(student)} == {"up", "down", "out"} | projections
+    assert type(student.attention.out_proj) is QuantLinear
     student = _train_one_step(student, teacher, tokens, class_dim=-1)
 
     export_onnx(student, tmp_path / "m.onnx", example_inputs=tokens[:2])
     report = verify_onnx(tmp_path / "m.onnx", student, tokens, per_layer=True, class_dim=-1)
     assert report.predictions == 16 * 7 and report.passed
+    assert set(report.per_layer) == {"up", "down", "out"} | projections
     assert all(v == 0.0 for v in report.per_layer_mismatch.values())  # quantized layers exact
 
 

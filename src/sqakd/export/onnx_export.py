@@ -134,14 +134,16 @@ def export_onnx(
         )
     proto = _trace(view, examples, min(target_opset, TRACE_MAX_OPSET))
     _inline_initializer_copies(proto)
+    containers = _containers(view)
     folded = None
     if fold_batchnorm:
-        folded = fold_batchnorm_pass(proto, tuple(_scope(layer.name) for layer in layers))
+        quantized = tuple(_scope(layer.name, containers) for layer in layers)
+        folded = fold_batchnorm_pass(proto, quantized)
     if target_opset > TRACE_MAX_OPSET:
         _raise_opset(proto, target_opset)
-    _find_layer_outputs(proto, layers)
+    scopes = {layer.name: _scope(layer.name, containers) if layer.name else "/" for layer in layers}
+    _find_layer_outputs(proto, layers, scopes)
     if integer_kernels:
-        scopes = {layer.name: _scope(layer.name) if layer.name else "/" for layer in layers}
         notes.append(prepare_integer_kernels(proto, layers, scopes).note())
     notes.append(_batchnorm_note(proto, folded))
     fallbacks = [layer.name for layer in layers if layer.float_fallback]
@@ -318,25 +320,38 @@ def _raise_opset(proto, opset: int) -> None:  # type: ignore[no-untyped-def]
             entry.version = opset
 
 
-def _scope(name: str) -> str:
+def _scope(name: str, containers: frozenset[str] = frozenset()) -> str:
     """The TorchScript exporter's node-name prefix of module ``name``: one path element per
     ancestor, each its qualified name from its last non-numeric part on (``features.17.conv.1.0``
-    -> ``/features/features.17/conv/conv.1/conv.1.0/``)."""
+    -> ``/features/features.17/conv/conv.1/conv.1.0/``). The ancestors named in ``containers``
+    (a ``ModuleList`` or ``ModuleDict``: iterated or indexed, never called) have no element:
+    ``encoder.layers.0.linear1`` -> ``/encoder/layers.0/linear1/``."""
     parts = name.split(".")
     elements = []
     for end in range(1, len(parts) + 1):
         atoms = parts[:end]
+        if ".".join(atoms) in containers:
+            continue
         start = max((i for i, atom in enumerate(atoms) if not atom.isnumeric()), default=0)
         elements.append(".".join(atoms[start:]))
     return "/" + "/".join(elements) + "/"
 
 
-def _find_layer_outputs(proto, layers: list[LayerExport]) -> None:  # type: ignore[no-untyped-def]
-    """Each layer's output is the output of the last node inside its module scope; its input is
-    the one tensor its nodes read that neither they nor an initializer produce."""
+def _containers(model: nn.Module) -> frozenset[str]:
+    """The qualified names of ``model``'s modules without a forward of their own
+    (``ModuleList``, ``ModuleDict``): never called, they open no scope."""
+    return frozenset(
+        name for name, m in model.named_modules() if type(m).forward is nn.Module.forward
+    )
+
+
+def _find_layer_outputs(proto, layers: list[LayerExport], scopes: dict[str, str]) -> None:  # type: ignore[no-untyped-def]
+    """Each layer's output is the output of the last node inside its module scope (``scopes``:
+    layer name -> node-name prefix); its input is the one tensor its nodes read that neither
+    they nor an initializer produce."""
     constants = {init.name for init in proto.graph.initializer}
     for layer in layers:
-        prefix = _scope(layer.name) if layer.name else "/"
+        prefix = scopes[layer.name]
         inside = [node for node in proto.graph.node if node.name.startswith(prefix)]
         if not inside:
             continue
@@ -344,7 +359,25 @@ def _find_layer_outputs(proto, layers: list[LayerExport]) -> None:  # type: igno
         made = {name for node in inside for name in node.output} | constants
         outer = list(dict.fromkeys(n for node in inside for n in node.input if n and n not in made))
         if len(outer) == 1:
-            layer.input = outer[0]
+            layer.input = _shared_input(proto, layers, scopes, layer, outer[0])
+
+
+def _shared_input(
+    proto, layers: list[LayerExport], scopes: dict[str, str], layer: LayerExport, tensor: str
+) -> str:  # type: ignore[no-untyped-def]
+    """The input of ``layer`` given the one outside tensor its nodes read. Layers that read one
+    input with equal quantizer constants (an attention's query, key and value projections)
+    share their first nodes once the exporter has merged equal subgraphs, so ``tensor`` may be
+    made inside an earlier layer's scope without being its output: the layer's input is then
+    that earlier layer's (what PyTorch hands both)."""
+    producer = next((node for node in proto.graph.node if tensor in node.output), None)
+    if producer is None:
+        return tensor
+    for other in layers:
+        prefix = scopes[other.name]
+        if other is not layer and other.input and producer.name.startswith(prefix):
+            return tensor if tensor == other.output else other.input
+    return tensor
 
 
 def _batchnorm_note(proto, folded: int | None) -> str:  # type: ignore[no-untyped-def]

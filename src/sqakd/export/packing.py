@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,7 @@ from torch import Tensor, nn
 from ..quant import QuantGrid, QuantizedLayer, Quantizer, quantized_layers, quantizers
 from ..quant.deployed import check_calibrated, weight_codes
 from ..quant.grid import broadcast_channels, codes_of_values, integer_weight, weight_form
+from ..quant.integer_sums import IntegerWeight
 
 FORMAT = "sqakd.packed/1"
 METADATA_KEY = "sqakd"
@@ -149,10 +151,22 @@ def _pack_model(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, dict[str
             "axis": grid.axis,
             "sha256": _digest(values),
         }
+    replaced = _replaced_keys(layers)
     for key, tensor in model.state_dict().items():
-        if key not in records:
+        if key not in records and key not in replaced:
             tensors[key] = tensor.detach().contiguous().clone()
     return tensors, records
+
+
+def _replaced_keys(layers: list[tuple[str, QuantizedLayer]]) -> set[str]:
+    """The ``state_dict`` keys of float weights that the packed codes replace: those whose
+    every layer is packed (an attention's ``in_proj_weight`` holds three layers' weights, and
+    stays float when one of them does)."""
+    packed: dict[str, bool] = {}
+    for name, layer in layers:
+        key = layer.weight_key(name)
+        packed[key] = packed.get(key, True) and _packable(layer)
+    return {key for key, every in packed.items() if every}
 
 
 def save_packed(model: nn.Module, path: str | Path) -> SizeReport:
@@ -187,12 +201,11 @@ def _size_report(
         size = 4 if tensor.is_floating_point() else tensor.element_size()
         float_bytes += tensor.numel() * size
     packed = sum(t.numel() * t.element_size() for t in tensors.values())
-    weights = dict(model.state_dict())
     return SizeReport(
         float32_bytes=float_bytes,
         packed_bytes=packed,
         ratio=float_bytes / packed,
-        quantized_weight_float32_bytes=sum(4 * weights[key].numel() for key in records),
+        quantized_weight_float32_bytes=sum(4 * math.prod(r["shape"]) for r in records.values()),
         quantized_weight_packed_bytes=sum(tensors[key + CODES].numel() for key in records),
     )
 
@@ -220,8 +233,9 @@ def load_packed(model: nn.Module, path: str | Path) -> nn.Module:
         _check_layer(modules, key, record)
     grid_keys = {key + part for key in records for part in (CODES, SCALE, ZERO_POINT, LEVELS)}
     state = {key: value for key, value in tensors.items() if key not in grid_keys}
-    _check_keys(model, state, records)
+    _check_keys(model, state, set(records) | _replaced_keys(quantized_layers(model)))
     model.load_state_dict(state, strict=False)
+    pins = []
     for key, record in records.items():
         layer = modules[key.removesuffix("weight").removesuffix(".")]
         assert isinstance(layer, QuantizedLayer) and layer.weight_quantizer is not None
@@ -232,9 +246,14 @@ def load_packed(model: nn.Module, path: str | Path) -> nn.Module:
         codes = codes.reshape(record["shape"]).to(layer.weight.dtype)
         with torch.no_grad():
             saved = (tensors[key + SCALE], tensors[key + ZERO_POINT])
-            weight = _rebuild_weight(layer, key, codes, record, saved)
-            if layer._pinned_weight is None:
-                layer.weight.copy_(weight)
+            weight, pin = _rebuild_weight(layer, key, codes, record, saved)
+            layer.weight.copy_(weight)
+        if pin is not None:
+            pins.append((layer, pin))
+    # pinned after every copy: the attention's projections share one parameter (and so one
+    # version counter), and a copy into one would drop the pin of another
+    for layer, (values, integer) in pins:
+        layer.pin_quantized_weight(values, integer)
     return model
 
 
@@ -258,8 +277,8 @@ def _check_layer(modules: dict[str, nn.Module], key: str, record: dict) -> None:
         )
 
 
-def _check_keys(model: nn.Module, state: dict[str, Tensor], records: dict) -> None:
-    expected = set(model.state_dict()) - set(records)
+def _check_keys(model: nn.Module, state: dict[str, Tensor], packed: set[str]) -> None:
+    expected = set(model.state_dict()) - packed
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:
         raise ValueError(
@@ -271,13 +290,15 @@ def _check_keys(model: nn.Module, state: dict[str, Tensor], records: dict) -> No
 @torch.no_grad()
 def _rebuild_weight(
     layer: QuantizedLayer, key: str, codes: Tensor, record: dict, saved: tuple[Tensor, Tensor]
-) -> Tensor:
-    """A float weight whose fake-quantized value has the saved SHA-256 (see the module doc).
+) -> tuple[Tensor, tuple[Tensor, IntegerWeight | None] | None]:
+    """A float weight whose fake-quantized value has the saved SHA-256 (see the module doc),
+    and what to pin once it is in place, or ``None``.
 
     When the quantizer's forward is not a function of the codes alone (it recomputes a statistic
     of the whole weight, like ``mean|w|``), the rebuilt weight reproduces the codes but not the
-    last float bits; the exact saved values, the grid's dequantized codes, are then pinned on
-    the layer (:meth:`QuantizedLayer.pin_quantized_weight`) until the weight changes."""
+    last float bits; the exact saved values, the grid's dequantized codes, and their integer
+    form are then to be pinned on the layer (:meth:`QuantizedLayer.pin_quantized_weight`) until
+    the weight changes."""
     quantizer = layer.weight_quantizer
     assert quantizer is not None
     grid = quantizer.grid()
@@ -285,7 +306,7 @@ def _rebuild_weight(
     for candidate in _candidates(quantizer, grid, codes):
         values = quantizer(candidate)
         if _digest(values) == record["sha256"]:
-            return candidate
+            return candidate, None
         if fallback is None and torch.equal(codes_of_values(values, grid), codes):
             fallback = candidate
     if fallback is None:
@@ -296,18 +317,16 @@ def _rebuild_weight(
     quantizer(fallback)  # leave any state the forward keeps consistent with the chosen weight
     exact = grid.dequantize(codes)
     if _digest(exact) == record["sha256"]:
-        layer.weight.copy_(fallback)
         # the saved model's integer form, exactly: the codes on the saved scale and zero point
         form = weight_form(codes, dataclasses.replace(grid, scale=saved[0], zero_point=saved[1]))
         integer = None if isinstance(form, str) else integer_weight(form, exact.dtype)
-        layer.pin_quantized_weight(exact, integer)
-        return fallback
+        return fallback, (exact, integer)
     warnings.warn(
         f"{key}: the codes are restored but the quantized values differ from the saved ones in "
         f"the last bits (the {quantizer.method!r} forward is not a function of the codes alone)",
         stacklevel=3,
     )
-    return fallback
+    return fallback, None
 
 
 def _candidates(quantizer: Quantizer, grid: QuantGrid, codes: Tensor):  # type: ignore[no-untyped-def]

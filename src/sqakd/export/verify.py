@@ -192,7 +192,11 @@ class _LayerCollector:
 
     def _keep(self, name: str):  # type: ignore[no-untyped-def]
         def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
-            self.outputs[name] = (inputs[0].detach().float().contiguous(), output.detach())
+            x = inputs[0].detach()  # token ids stay integers
+            self.outputs[name] = (
+                (x.float() if x.is_floating_point() else x).contiguous(),
+                output.detach(),
+            )
 
         return hook
 

@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from ..quant import QuantGrid, QuantizedLayer, Quantizer, QuantLinear, quantized_layers
 from ..quant import integer_sums as sums
+from ..quant.attention import AttentionProjection
 from ..quant.batchnorm import AffineBatchNorm, ChannelAffine
 from ..quant.deployed import check_calibrated, weight_codes
 from ..quant.float64_sums import Float64SumConv, Float64SumConvExport, conv2d_arguments
@@ -50,7 +51,7 @@ from ..quant.grid import (
     broadcast_channels,
     weight_form,
 )
-from ..quant.layers import _QuantConv, _QuantConvTranspose, transposed_conv
+from ..quant.layers import QuantEmbedding, _QuantConv, _QuantConvTranspose, transposed_conv
 from ..quant.policy import FLOAT_BITS
 from ..quant.prepare import replace_module
 
@@ -113,10 +114,16 @@ def _linear_op(layer: nn.Module) -> FloatOp:
     return F.linear
 
 
+def _embedding_op(layer: nn.Module) -> FloatOp:
+    return lambda x, w, b: F.embedding(x, w)  # Gather; padding_idx only shapes the gradient
+
+
 #: quantized layer type (or base) -> the float op its deployable twin runs
 FLOAT_OPS: dict[type[QuantizedLayer], Callable[[nn.Module], FloatOp]] = {
     _QuantConv: _conv_op,
     QuantLinear: _linear_op,
+    AttentionProjection: _linear_op,
+    QuantEmbedding: _embedding_op,
 }
 
 
@@ -144,10 +151,19 @@ def _linear_window(layer: nn.Module) -> WindowOp:
     return lambda x, kernel: F.linear(x, kernel)
 
 
+def _no_window(layer: nn.Module) -> WindowOp:
+    def window(x: Tensor, kernel: Tensor) -> Tensor:
+        raise ValueError(f"{type(layer).__name__} has no input quantizer, so no integer sums")
+
+    return window
+
+
 #: quantized layer type (or base) -> its window sums, for a weight with a float offset
 WINDOW_OPS: dict[type[QuantizedLayer], Callable[[nn.Module], WindowOp]] = {
     _QuantConv: _conv_window,
     QuantLinear: _linear_window,
+    AttentionProjection: _linear_window,
+    QuantEmbedding: _no_window,
 }
 
 
@@ -264,6 +280,8 @@ class ExportedLayer(nn.Module):
         self.act: ActivationForm | None = None
         if quantizer is None:
             self.report.act_export = "none (float input)"
+            if self.report.kind == QuantEmbedding.__name__:
+                self.report.act_export = "none (indices)"
             return
         grid = quantizer.grid()
         form = activation_form(grid)

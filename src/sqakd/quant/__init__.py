@@ -1,6 +1,7 @@
 """How numbers become low-bit: quantizers, quantized layers, model preparation, calibration."""
 
 from . import methods  # noqa: F401  (registers every quantizer)
+from .attention import AttentionProjection, QuantMultiheadAttention
 from .base import QuantGrid, Quantizer, check_bits
 from .calibrate import calibrate, reset_calibration
 from .layers import (
@@ -9,6 +10,7 @@ from .layers import (
     QuantConv3d,
     QuantConvTranspose1d,
     QuantConvTranspose2d,
+    QuantEmbedding,
     QuantizedLayer,
     QuantLinear,
     model_parameters,
@@ -24,14 +26,17 @@ from .prepare import QuantPlan, describe, plan, prepare
 from .registry import available_quantizers, build_quantizer, register_quantizer
 
 __all__ = [
+    "AttentionProjection",
     "LayerOverride",
     "QuantConv1d",
     "QuantConv2d",
     "QuantConv3d",
     "QuantConvTranspose1d",
     "QuantConvTranspose2d",
+    "QuantEmbedding",
     "QuantGrid",
     "QuantLinear",
+    "QuantMultiheadAttention",
     "QuantPlan",
     "QuantPolicy",
     "Quantizer",

@@ -1,4 +1,6 @@
-"""Quantized twins of ``nn.Conv1d/2d/3d``, ``nn.ConvTranspose1d/2d`` and ``nn.Linear``.
+"""Quantized twins of ``nn.Conv1d/2d/3d``, ``nn.ConvTranspose1d/2d``, ``nn.Linear`` and
+``nn.Embedding`` (the attention's are in :mod:`sqakd.quant.attention`; which float layer gets
+which twin, :mod:`sqakd.quant.twins`).
 
 Each holds an optional weight quantizer and an optional input-activation quantizer, keeps the
 float layer's ``weight``/``bias`` parameters and their ``state_dict`` names, and computes exactly
@@ -60,6 +62,12 @@ class QuantizedLayer(nn.Module):
         """
         self._pinned_weight = (values.detach().clone(), self.weight._version)
         self._pinned_integer = integer
+
+    def weight_key(self, name: str) -> str:
+        """The ``state_dict`` key of the float parameter that holds this layer's weight, for
+        the layer at qualified ``name`` (its own ``weight``; an attention projection's is the
+        attention's ``in_proj_weight``, shared with the other two)."""
+        return f"{name}.weight" if name else "weight"
 
     def _live_pin(self) -> Tensor | None:
         """The pinned weight values, or ``None`` (dropping a pin the weight has outdated)."""
@@ -362,21 +370,30 @@ class QuantLinear(QuantizedLayer, nn.Linear):
         return F.linear(x, self.window_kernel())
 
 
-#: float layer type -> its quantized twin; prepare() swaps these and their subclasses that
-#: keep the parent's forward (see :func:`twin_for`)
-QUANTIZED_TWINS: dict[type[nn.Module], type[QuantizedLayer]] = {
-    nn.Conv1d: QuantConv1d,
-    nn.Conv2d: QuantConv2d,
-    nn.Conv3d: QuantConv3d,
-    nn.ConvTranspose1d: QuantConvTranspose1d,
-    nn.ConvTranspose2d: QuantConvTranspose2d,
-    nn.Linear: QuantLinear,
-}
+class QuantEmbedding(QuantizedLayer, nn.Embedding):
+    """``nn.Embedding`` with a fake-quantized table (per tensor, or one range per row with
+    per-channel weights). No input quantizer: the inputs are indices. In inference the lookup
+    reads the deployed weight (codes dequantized as ONNX ``DequantizeLinear`` does), so the
+    exported ``Gather`` returns the same values bit for bit. Tables that renormalise rows in
+    place (``max_norm``) or take sparse gradients stay ``nn.Embedding`` (see
+    :func:`~sqakd.quant.twins.twin_for`)."""
 
-#: methods a subclass must not override for its parent's quantized twin to compute what it does
-_FORWARD_METHODS = ("forward", "_conv_forward")
+    #: an embedding adds no bias (the shared float forward passes this along)
+    bias = None
 
+    def __init__(
+        self,
+        *args,
+        weight_quantizer: Quantizer | None = None,
+        act_quantizer: Quantizer | None = None,
+        **kwargs,
+    ) -> None:
+        if act_quantizer is not None:
+            raise ValueError("an embedding's inputs are indices: give it no act_quantizer")
+        nn.Embedding.__init__(self, *args, **kwargs)
+        self._init_quantizers(weight_quantizer, None)
 
+<<<<<<< HEAD
 def twin_for(module: nn.Module) -> tuple[type[QuantizedLayer] | None, str]:
     """``(twin, "")`` for a layer prepare() can swap: one of :data:`QUANTIZED_TWINS`' float
     types, or a subclass of one that keeps its parent's forward (timm-style subclasses that only
@@ -401,6 +418,38 @@ def twin_for(module: nn.Module) -> tuple[type[QuantizedLayer] | None, str]:
                 )
             return twin, ""
     return None, ""
+=======
+    @classmethod
+    def from_float(
+        cls,
+        embedding: nn.Embedding,
+        weight_quantizer: Quantizer | None,
+        act_quantizer: Quantizer | None = None,
+    ) -> QuantEmbedding:
+        """Wrap an existing embedding, sharing its weight (no copy); ``act_quantizer`` must be
+        ``None`` (the signature of the other twins)."""
+        layer = cls(
+            embedding.num_embeddings,
+            embedding.embedding_dim,
+            padding_idx=embedding.padding_idx,
+            max_norm=embedding.max_norm,
+            norm_type=embedding.norm_type,
+            scale_grad_by_freq=embedding.scale_grad_by_freq,
+            sparse=embedding.sparse,
+            device="meta",
+            weight_quantizer=weight_quantizer,
+            act_quantizer=act_quantizer,
+        )
+        layer.weight = embedding.weight
+        layer.train(embedding.training)
+        return layer
+
+    def _float_op(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        return F.embedding(
+            x, weight, self.padding_idx, self.max_norm, self.norm_type,
+            self.scale_grad_by_freq, self.sparse,
+        )  # fmt: skip
+>>>>>>> mha
 
 
 def quantized_layers(model: nn.Module) -> list[tuple[str, QuantizedLayer]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
@@ -10,26 +11,27 @@ from fnmatch import fnmatchcase
 import torch
 from torch import nn
 
+<<<<<<< HEAD
 from .base import Quantizer, refuse_reduced_float_model
 from .batchnorm import AFFINE_BATCHNORMS, AffineBatchNorm
 from .float64_sums import Float64SumConv, can_sum_in_float64, float64_sum_twin
 from .layers import QuantizedLayer, quantizers, set_compiled_kernels, twin_for
 from .observers import build_observer
+=======
+from .attention import QuantizerPair, QuantMultiheadAttention, projection_shapes
+from .base import Quantizer
+from .batchnorm import AFFINE_BATCHNORMS, AffineBatchNorm
+from .float64_sums import Float64SumConv2d, can_sum_in_float64
+from .layers import QuantEmbedding, QuantizedLayer, quantizers, set_compiled_kernels
+>>>>>>> mha
 from .policy import FLOAT_BITS, QuantPolicy
 from .registry import build_quantizer, quantizer_class
+from .twins import twin_for
 
 #: normalisation layers hold weights but are not quantized (not listed as unsupported)
 _NORMALISATION = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 #: below this fraction of the weights quantized, prepare() warns and describe() says so on top
 SMALL_FRACTION = 0.25
-#: why a layer type without a twin stays in float, and what to do
-_UNSUPPORTED_REASONS: dict[type[nn.Module], str] = {
-    nn.MultiheadAttention: (
-        "nn.MultiheadAttention uses its projection weights directly, not through its Linear "
-        "modules; kept in float (write the attention with nn.Linear projections to quantize it)"
-    ),
-    nn.Embedding: "nn.Embedding is a lookup table; kept in float (its weights are not quantized)",
-}
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,9 @@ class LayerPlan:
     supported: bool = True
     #: number of weight values
     weights: int = 0
+    #: for one projection of an ``nn.MultiheadAttention`` (``name`` is the attention's name
+    #: plus this): ``q_proj``, ``k_proj``, ``v_proj`` or ``out_proj``; "" for a whole layer
+    projection: str = ""
 
     @property
     def quantized(self) -> bool:
@@ -76,14 +81,18 @@ class QuantPlan(list[LayerPlan]):
             kinds = sorted({p.kind for p in self if not p.supported})
             found = f" (layers with weights: {', '.join(kinds)})" if kinds else ""
             return (
-                f"no layer is quantized{found}; sqakd quantizes Conv1d/2d/3d, ConvTranspose1d/2d "
-                f"and Linear (see the notes column)"
+                f"no layer is quantized{found}; sqakd quantizes Conv1d/2d/3d, ConvTranspose1d/2d, "
+                f"Linear, MultiheadAttention and, with quant.embeddings, Embedding (see the notes "
+                f"column)"
             )
         fraction = self.quantized_fraction
         if fraction < SMALL_FRACTION:
+            hint = "quant.first_last=8bit quantizes the first and last layers"
+            if any("quant.embeddings" in p.note for p in self.unsupported()):
+                hint = f"quant.embeddings: true quantizes the embeddings, {hint}"
             return (
                 f"only {fraction:.1%} of the weights are quantized; the rest stay in float (see "
-                f"the notes column; quant.first_last=8bit quantizes the first and last layers)"
+                f"the notes column; {hint})"
             )
         return None
 
@@ -129,21 +138,20 @@ def _method_label(plan: LayerPlan) -> str:
     return f"W:{plan.weight_method} A:{plan.act_method}"
 
 
-def _unsupported_reason(module: nn.Module) -> str | None:
+def _unsupported_reason(module: nn.Module, embeddings: bool = False) -> str | None:
     """Why a leaf layer with weights stays in float (``None`` for layers prepare() handles and
     for modules without weights of their own)."""
     if isinstance(module, (QuantizedLayer, Quantizer, Float64SumConv, _NORMALISATION)):
         return None
-    twin, reason = twin_for(module)
+    if isinstance(module, QuantMultiheadAttention):
+        return None  # its projections are listed
+    twin, reason = twin_for(module, embeddings)
     if twin is not None:
         return None
     if reason:
         return reason
     if not any(True for _ in module.parameters(recurse=False)):
         return None
-    for kind, text in _UNSUPPORTED_REASONS.items():
-        if isinstance(module, kind):
-            return text
     return "unsupported type, kept in float"
 
 
@@ -166,53 +174,99 @@ def _unsupported_row(name: str, module: nn.Module, reason: str) -> LayerPlan:
 
 
 def _inside_attention(model: nn.Module) -> set[str]:
-    """Modules inside an ``nn.MultiheadAttention`` (its ``out_proj`` is a Linear subclass that
-    the attention never calls as a module: swapping it would change nothing)."""
+    """Modules inside a float ``nn.MultiheadAttention`` (its ``out_proj`` is a Linear subclass
+    that the attention never calls as a module: swapping it alone would change nothing; the
+    attention's twin quantizes it with the other projections)."""
     inside = set()
     for name, module in model.named_modules():
-        if isinstance(module, nn.MultiheadAttention):
+        if isinstance(module, nn.MultiheadAttention) and not isinstance(
+            module, QuantMultiheadAttention
+        ):
             prefix = f"{name}." if name else ""
             inside |= {prefix + child for child, _ in module.named_modules() if child}
     return inside
 
 
-def _candidates(model: nn.Module) -> list[tuple[str, nn.Module]]:
+@dataclass(frozen=True)
+class _Site:
+    """One weight prepare() can quantize: a layer (``name == owner``), or one projection of an
+    attention (``owner`` is the attention, the module that prepare() swaps)."""
+
+    name: str
+    owner: str
+    module: nn.Module
+    shape: tuple[int, ...]
+    projection: str = ""
+
+
+def _sites(model: nn.Module, embeddings: bool) -> list[_Site]:
+    """Every quantizable weight of ``model``, in module order (an attention's four projections
+    in the order it uses them)."""
     skipped = _inside_attention(model)
     return [
-        (name, module)
+        site
         for name, module in model.named_modules()
-        if name not in skipped and twin_for(module)[0] is not None
+        if name not in skipped and twin_for(module, embeddings)[0] is not None
+        for site in _module_sites(name, module)
     ]
 
 
+def _module_sites(name: str, module: nn.Module) -> list[_Site]:
+    """The quantizable weights of one swappable module: itself, or an attention's projections."""
+    if isinstance(module, nn.MultiheadAttention):
+        prefix = f"{name}." if name else ""
+        return [
+            _Site(prefix + projection, name, module, shape, projection)
+            for projection, shape in projection_shapes(module).items()
+        ]
+    return [_Site(name, name, module, tuple(module.weight.shape))]  # type: ignore[arg-type]
+
+
+def _edges(sites: list[_Site]) -> set[str]:
+    """The first and last quantizable layers (``quant.first_last``). An attention first in the
+    model contributes its three input projections, which all read the model's input."""
+    if not sites:
+        return set()
+    first, last = sites[0], sites[-1]
+    edges = {first.name, last.name}
+    if first.projection:
+        edges |= {s.name for s in sites if s.owner == first.owner and s.projection != "out_proj"}
+    return edges
+
+
 def plan(model: nn.Module, policy: QuantPolicy | None = None) -> QuantPlan:
-    """Decide, layer by layer, what :func:`prepare` will do (without changing the model)."""
+    """Decide, layer by layer, what :func:`prepare` will do (without changing the model). An
+    ``nn.MultiheadAttention`` gets one row per projection (``attention.q_proj``, ...,
+    ``attention.out_proj``), which policy patterns match like layer names."""
     policy = policy or QuantPolicy()
     for name in {policy.method, policy.weight_method, policy.act_method} - {None}:
         quantizer_class(name)  # unknown method -> ValueError listing the known ones
-    candidates = _candidates(model)
+    sites = _sites(model, policy.embeddings)
     for pattern in policy.overrides:
-        if not any(fnmatchcase(n, pattern) for n, _ in candidates):
-            shown = ", ".join(n for n, _ in candidates[:4]) or "none: no layer is quantizable"
+        if not any(fnmatchcase(site.name, pattern) for site in sites):
+            shown = ", ".join(s.name for s in sites[:4]) or "none: no layer is quantizable"
             raise ValueError(
                 f"policy pattern {pattern!r} matches no quantizable layer; layer names are e.g. "
                 f"{shown} (see sqakd.quant.plan(model))"
             )
-    edges = {candidates[0][0], candidates[-1][0]} if candidates else set()
-    chosen = {name for name, _ in candidates}
+    edges = _edges(sites)
+    by_owner: dict[str, list[_Site]] = {}
+    for site in sites:
+        by_owner.setdefault(site.owner, []).append(site)
     skipped = _inside_attention(model)
     result = QuantPlan()
     for name, module in model.named_modules():
-        if name in chosen:
-            result.append(_layer_plan(name, module, policy, name in edges))
+        if name in by_owner:
+            result += [_layer_plan(site, policy, site.name in edges) for site in by_owner[name]]
             continue
-        reason = None if name in skipped else _unsupported_reason(module)
+        reason = None if name in skipped else _unsupported_reason(module, policy.embeddings)
         if reason:
             result.append(_unsupported_row(name, module, reason))
     return result
 
 
-def _layer_plan(name: str, module: nn.Module, policy: QuantPolicy, is_edge: bool) -> LayerPlan:
+def _layer_plan(site: _Site, policy: QuantPolicy, is_edge: bool) -> LayerPlan:
+    name, module = site.name, site.module
     weight_method = policy.weight_method or policy.method
     act_method = policy.act_method or policy.method
     weight_bits, act_bits, note = policy.weight_bits, policy.act_bits, ""
@@ -233,16 +287,19 @@ def _layer_plan(name: str, module: nn.Module, policy: QuantPolicy, is_edge: bool
     transposed = isinstance(module, nn.modules.conv._ConvTransposeNd)
     if transposed and weight_bits != FLOAT_BITS and policy.per_channel_weights:
         note = "; ".join(filter(None, [note, "per-tensor weights (transposed convolution)"]))
+    if isinstance(module, nn.Embedding):  # its inputs are indices
+        act_method, act_bits = None, FLOAT_BITS
     return LayerPlan(
         name,
         type(module).__name__,
-        tuple(module.weight.shape),
+        site.shape,
         weight_method,
         act_method,
         weight_bits,
         act_bits,
         note,
-        weights=module.weight.numel(),
+        weights=math.prod(site.shape),
+        projection=site.projection,
     )
 
 
@@ -252,7 +309,10 @@ def prepare(
     inplace: bool = False,
     compiled_kernels: bool = False,
 ) -> nn.Module:
-    """Return a copy of ``model`` whose Conv2d/Linear layers are swapped for quantized twins.
+    """Return a copy of ``model`` whose layers are swapped for quantized twins: convolutions,
+    linear layers, the four projections of every ``nn.MultiheadAttention``
+    (:class:`~sqakd.quant.attention.QuantMultiheadAttention`) and, with ``policy.embeddings``,
+    the weights of every ``nn.Embedding`` (see :func:`~sqakd.quant.twins.twin_for`).
 
     The copy keeps every parameter name, so a float ``state_dict`` loads into it. Layers the
     policy keeps in float stay ordinary modules; layer types without a quantized twin are left
@@ -274,11 +334,18 @@ def prepare(
     policy = policy or QuantPolicy()
     decisions = plan(model, policy)
     prepared = model if inplace else copy.deepcopy(model)
+    attentions: dict[str, dict[str, QuantizerPair]] = {}
     for decision in decisions:
         if not decision.quantized or not decision.supported:
             continue
+        if decision.projection:  # swapped below, with the attention's other projections
+            owner = decision.name.removesuffix(decision.projection).removesuffix(".")
+            weight_q = _make(decision.weight_method, decision.weight_bits, "weight", policy)
+            act_q = _make(decision.act_method, decision.act_bits, "activation", policy)
+            attentions.setdefault(owner, {})[decision.projection] = (weight_q, act_q)
+            continue
         float_layer = prepared.get_submodule(decision.name)
-        twin = twin_for(float_layer)[0]
+        twin = twin_for(float_layer, policy.embeddings)[0]
         assert twin is not None
         per_channel = getattr(twin, "output_axis", 0) == 0
         weight_q = _make(
@@ -286,9 +353,20 @@ def prepare(
         )
         act_q = _make(decision.act_method, decision.act_bits, "activation", policy)
         layer = twin.from_float(float_layer, weight_q, act_q)  # type: ignore[attr-defined]
+<<<<<<< HEAD
         replace_module(prepared, decision.name, layer.to(float_layer.weight.device))
     notes = _attach_observer(prepared, policy)
+=======
+        prepared = _put(prepared, decision.name, layer.to(float_layer.weight.device))
+    for owner, pairs in attentions.items():
+        attention = prepared.get_submodule(owner)
+        assert isinstance(attention, nn.MultiheadAttention)
+        twin = QuantMultiheadAttention.from_float(attention, pairs)
+        prepared = _put(prepared, owner, twin.to(attention.out_proj.weight.device))
+    notes = []
+>>>>>>> mha
     if any(decision.quantized for decision in decisions):
+        _skip_fused_transformer_kernels(prepared)
         notes += _use_affine_batchnorm(prepared)
         _sum_float_first_layer_in_float64(prepared, decisions)
     _warn(decisions, notes)
@@ -344,11 +422,29 @@ def _sum_float_first_layer_in_float64(model: nn.Module, decisions: QuantPlan) ->
     ``nn.Conv1d/2d/3d``, for its :class:`Float64SumConv` twin, whose inference an exported graph
     repeats bit for bit (see :mod:`sqakd.quant.float64_sums`)."""
     first = next((d for d in decisions if d.supported), None)
-    if first is None or first.quantized:
+    if first is None or first.quantized or first.projection:
         return
     layer = model.get_submodule(first.name)
     if can_sum_in_float64(layer):
         replace_module(model, first.name, float64_sum_twin(layer))
+
+
+def _skip_fused_transformer_kernels(model: nn.Module) -> None:
+    """``nn.TransformerEncoderLayer`` (and ``nn.TransformerEncoder``, through nested tensors)
+    run one fused kernel in inference (eval, no autograd) that reads the attention's and the
+    linear layers' float weights directly, skipping every quantized layer inside them (and so
+    calibration too). Turn that path off for the ones that hold a quantized layer: an encoder
+    stops converting to nested tensors (``use_nested_tensor``), a layer stops flagging its
+    activation as the kernel's relu/gelu (the flag only picks that kernel; the module path calls
+    ``activation`` itself)."""
+    for module in model.modules():
+        fused = isinstance(module, (nn.TransformerEncoderLayer, nn.TransformerEncoder))
+        if not fused or not any(isinstance(m, QuantizedLayer) for m in module.modules()):
+            continue
+        if isinstance(module, nn.TransformerEncoderLayer):
+            module.activation_relu_or_gelu = 0
+        else:
+            module.use_nested_tensor = False
 
 
 def _use_affine_batchnorm(model: nn.Module) -> list[str]:
@@ -385,6 +481,14 @@ def _make(
     return build_quantizer(method, bits, role, per_channel=per_channel, **options)
 
 
+def _put(model: nn.Module, name: str, layer: nn.Module) -> nn.Module:
+    """:func:`replace_module`, and for the model itself (``name == ""``) the layer."""
+    if not name:
+        return layer
+    replace_module(model, name, layer)
+    return model
+
+
 def replace_module(model: nn.Module, name: str, layer: nn.Module) -> None:
     """Put ``layer`` at qualified ``name`` in ``model`` (module replacement, no tracing)."""
     parent_name, _, child = name.rpartition(".")
@@ -398,6 +502,7 @@ def describe(model: nn.Module) -> QuantPlan:
     ``WARNING: ...`` when nothing or only a small fraction of the weights is quantized."""
     result = QuantPlan()
     skipped = _inside_attention(model)
+    embeddings = any(isinstance(m, QuantEmbedding) for m in model.modules())
     modes = {q.compiled_kernels for _, q in quantizers(model)}
     if modes:
         result.kernels = "mixed" if len(modes) > 1 else "compiled" if modes.pop() else "eager"
@@ -415,17 +520,32 @@ def describe(model: nn.Module) -> QuantPlan:
                 weights=module.weight.numel(),
             )
         elif name not in skipped and (
+<<<<<<< HEAD
             twin_for(module)[0] is not None or isinstance(module, Float64SumConv)
+=======
+            twin_for(module, embeddings)[0] is not None or isinstance(module, Float64SumConv2d)
+>>>>>>> mha
         ):
             note = "float"
             if isinstance(module, Float64SumConv):
                 note = "float, summed in float64 in inference"
-            shape = tuple(module.weight.shape)  # type: ignore[union-attr]
-            row = LayerPlan(
-                name, type(module).__name__, shape, None, None, FLOAT_BITS, FLOAT_BITS, note,
-                weights=module.weight.numel(),  # type: ignore[union-attr]
-            )  # fmt: skip
-        elif name not in skipped and (reason := _unsupported_reason(module)):
+            result += [
+                LayerPlan(
+                    site.name,
+                    type(module).__name__,
+                    site.shape,
+                    None,
+                    None,
+                    FLOAT_BITS,
+                    FLOAT_BITS,
+                    note,
+                    weights=math.prod(site.shape),
+                    projection=site.projection,
+                )  # fmt: skip
+                for site in _module_sites(name, module)
+            ]
+            continue
+        elif name not in skipped and (reason := _unsupported_reason(module, embeddings)):
             row = _unsupported_row(name, module, reason)
         else:
             continue
