@@ -393,32 +393,6 @@ class QuantEmbedding(QuantizedLayer, nn.Embedding):
         nn.Embedding.__init__(self, *args, **kwargs)
         self._init_quantizers(weight_quantizer, None)
 
-<<<<<<< HEAD
-def twin_for(module: nn.Module) -> tuple[type[QuantizedLayer] | None, str]:
-    """``(twin, "")`` for a layer prepare() can swap: one of :data:`QUANTIZED_TWINS`' float
-    types, or a subclass of one that keeps its parent's forward (timm-style subclasses that only
-    add a constructor); ``(None, reason)`` for a subclass with its own forward."""
-    if isinstance(module, (QuantizedLayer, Float64SumConv)):
-        return None, ""
-    for float_type, twin in QUANTIZED_TWINS.items():
-        if type(module) is float_type:
-            return twin, ""
-    for float_type, twin in QUANTIZED_TWINS.items():
-        if isinstance(module, float_type):
-            own = [
-                name
-                for name in _FORWARD_METHODS
-                if hasattr(float_type, name)
-                and getattr(type(module), name) is not getattr(float_type, name)
-            ]
-            if own:
-                return None, (
-                    f"subclass of nn.{float_type.__name__} with its own {own[0]}(), kept in float; "
-                    f"quantize it by giving it nn.{float_type.__name__}'s forward"
-                )
-            return twin, ""
-    return None, ""
-=======
     @classmethod
     def from_float(
         cls,
@@ -449,7 +423,6 @@ def twin_for(module: nn.Module) -> tuple[type[QuantizedLayer] | None, str]:
             x, weight, self.padding_idx, self.max_norm, self.norm_type,
             self.scale_grad_by_freq, self.sparse,
         )  # fmt: skip
->>>>>>> mha
 
 
 def quantized_layers(model: nn.Module) -> list[tuple[str, QuantizedLayer]]:

@@ -57,19 +57,15 @@ class QuantPolicy(BaseModel):
         method_options: keyword options given to every quantizer (e.g. ``{"delta": 0.001}``).
         weight_options / act_options: options for the weight or activation quantizers only
             (e.g. ``act_options: {init_alpha: 8}`` for PACT activations with LSQ weights).
-<<<<<<< HEAD
-        overrides: ``{pattern: LayerOverride}``, applied in order; later patterns win.
+        overrides: ``{pattern: LayerOverride}``, applied in order; later patterns win. An
+            ``nn.MultiheadAttention``'s projections are matched as ``<name>.q_proj``,
+            ``.k_proj``, ``.v_proj`` and ``.out_proj``.
         observer: how calibration sets the ranges (see :mod:`sqakd.quant.observers`): ``native``
             (each quantizer's own initialisation), ``minmax``, ``percentile`` or ``mse``, for the
             quantizers that take a range (the others keep their own rule, named in one warning).
         observer_percentile: the percentile of ``observer: percentile``, above 50, at most 100.
-=======
-        overrides: ``{pattern: LayerOverride}``, applied in order; later patterns win. An
-            ``nn.MultiheadAttention``'s projections are matched as ``<name>.q_proj``,
-            ``.k_proj``, ``.v_proj`` and ``.out_proj``.
         embeddings: quantize the weights of ``nn.Embedding`` layers too (their inputs are
             indices, so they get no input quantizer); off by default, embeddings stay in float.
->>>>>>> mha
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -85,12 +81,9 @@ class QuantPolicy(BaseModel):
     weight_options: dict[str, Any] = {}
     act_options: dict[str, Any] = {}
     overrides: dict[str, LayerOverride] = {}
-<<<<<<< HEAD
     observer: str = "native"
     observer_percentile: float = Field(99.99, gt=50.0, le=100.0)
-=======
     embeddings: bool = False
->>>>>>> mha
 
     _bits = field_validator("weight_bits", "act_bits")(_check_policy_bits)
     _methods = field_validator("method", "weight_method", "act_method")(_check_method)

@@ -11,19 +11,12 @@ from fnmatch import fnmatchcase
 import torch
 from torch import nn
 
-<<<<<<< HEAD
+from .attention import QuantizerPair, QuantMultiheadAttention, projection_shapes
 from .base import Quantizer, refuse_reduced_float_model
 from .batchnorm import AFFINE_BATCHNORMS, AffineBatchNorm
 from .float64_sums import Float64SumConv, can_sum_in_float64, float64_sum_twin
-from .layers import QuantizedLayer, quantizers, set_compiled_kernels, twin_for
-from .observers import build_observer
-=======
-from .attention import QuantizerPair, QuantMultiheadAttention, projection_shapes
-from .base import Quantizer
-from .batchnorm import AFFINE_BATCHNORMS, AffineBatchNorm
-from .float64_sums import Float64SumConv2d, can_sum_in_float64
 from .layers import QuantEmbedding, QuantizedLayer, quantizers, set_compiled_kernels
->>>>>>> mha
+from .observers import build_observer
 from .policy import FLOAT_BITS, QuantPolicy
 from .registry import build_quantizer, quantizer_class
 from .twins import twin_for
@@ -353,18 +346,13 @@ def prepare(
         )
         act_q = _make(decision.act_method, decision.act_bits, "activation", policy)
         layer = twin.from_float(float_layer, weight_q, act_q)  # type: ignore[attr-defined]
-<<<<<<< HEAD
-        replace_module(prepared, decision.name, layer.to(float_layer.weight.device))
-    notes = _attach_observer(prepared, policy)
-=======
         prepared = _put(prepared, decision.name, layer.to(float_layer.weight.device))
     for owner, pairs in attentions.items():
         attention = prepared.get_submodule(owner)
         assert isinstance(attention, nn.MultiheadAttention)
         twin = QuantMultiheadAttention.from_float(attention, pairs)
         prepared = _put(prepared, owner, twin.to(attention.out_proj.weight.device))
-    notes = []
->>>>>>> mha
+    notes = _attach_observer(prepared, policy)
     if any(decision.quantized for decision in decisions):
         _skip_fused_transformer_kernels(prepared)
         notes += _use_affine_batchnorm(prepared)
@@ -520,11 +508,7 @@ def describe(model: nn.Module) -> QuantPlan:
                 weights=module.weight.numel(),
             )
         elif name not in skipped and (
-<<<<<<< HEAD
-            twin_for(module)[0] is not None or isinstance(module, Float64SumConv)
-=======
-            twin_for(module, embeddings)[0] is not None or isinstance(module, Float64SumConv2d)
->>>>>>> mha
+            twin_for(module, embeddings)[0] is not None or isinstance(module, Float64SumConv)
         ):
             note = "float"
             if isinstance(module, Float64SumConv):

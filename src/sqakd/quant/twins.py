@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from .attention import QuantMultiheadAttention
-from .float64_sums import Float64SumConv2d
+from .float64_sums import Float64SumConv
 from .layers import (
     QuantConv1d,
     QuantConv2d,
@@ -41,7 +41,7 @@ def twin_for(module: nn.Module, embeddings: bool = False) -> tuple[type[nn.Modul
     add a constructor); ``(None, reason)`` for a layer kept in float on purpose: a subclass with
     its own forward, an embedding unless ``embeddings``, one that renormalises its rows or
     takes sparse gradients. ``(None, "")`` for everything else."""
-    if isinstance(module, (QuantizedLayer, QuantMultiheadAttention, Float64SumConv2d)):
+    if isinstance(module, (QuantizedLayer, QuantMultiheadAttention, Float64SumConv)):
         return None, ""
     float_type = next((t for t in QUANTIZED_TWINS if type(module) is t), None)
     if float_type is None:
