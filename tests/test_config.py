@@ -90,3 +90,11 @@ def test_a_run_folder_from_before_the_method_contract_still_loads():
         validate_config({"method": {"name": "qat", **old_dump, "temperature": 3.0}})
     with pytest.raises(ValueError, match="unknown config key 'method.alpha' for method 'qat'"):
         validate_config({"method": {"name": "qat", "alpha": 1.0}})  # a recipe, not an old dump
+
+
+def test_load_config_leaves_the_callers_base_unchanged():
+    base = {"data": {"batch_size": 8}, "model": {"name": "small_cnn"}}
+    config = load_config(None, ["data.limit_train=600"], base=base)
+    assert config.data.limit_train == 600
+    assert base == {"data": {"batch_size": 8}, "model": {"name": "small_cnn"}}
+    assert load_config(None, [], base=base).data.limit_train is None

@@ -6,6 +6,7 @@ range is reported with the key's dotted name and the fix, never as a traceback d
 
 from __future__ import annotations
 
+import copy
 import difflib
 import re
 import types
@@ -356,7 +357,7 @@ def load_config(
     base: dict[str, Any] | None = None,
 ) -> Config:
     """Read a YAML recipe (optional), apply ``key=value`` overrides, validate, return a Config."""
-    tree: dict[str, Any] = dict(base or {})
+    tree: dict[str, Any] = copy.deepcopy(base or {})  # the caller's base stays as it was
     if path is not None:
         path = Path(path)
         if path.is_dir():

@@ -99,3 +99,23 @@ def test_only_a_logits_teacher_is_cached(tmp_path):
         role_teacher(Counting().eval(), Needs(teacher="features"), bundle(),
                      load_config(None, [*settings, "teacher.cache_outputs=true"]),
                      torch.device("cpu"), RunLog(tmp_path, enabled=False))  # fmt: skip
+
+
+def test_a_run_without_augmentation_trains_with_the_cached_teacher(
+    image_tree, teacher_weights, tmp_path
+):
+    from sqakd.pipeline import quantize
+
+    settings = [
+        f"data.root={image_tree}", "data.batch_size=8", "data.eval_batch_size=4",
+        "data.augment.crop_padding=0", "data.augment.flip=false", "model.name=small_cnn",
+        "model.kwargs={width: 8}", f"teacher.checkpoint={teacher_weights}", "run.progress=false",
+        "run.threads=1", "run.compile=false", "quant.method=lsq", "train.epochs=2",
+        f"run.output={tmp_path / 'run'}",
+    ]  # fmt: skip
+    result = quantize(load_config(None, settings))
+    assert "top1" in result.last
+    assert (
+        "teacher logits of 32 training images computed once"
+        in (tmp_path / "run" / "train.log").read_text()
+    )

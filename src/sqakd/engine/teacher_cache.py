@@ -28,6 +28,7 @@ class CachedTeacher(nn.Module):
     def __init__(self, teacher: nn.Module, batches: Iterable[Tensor]) -> None:
         super().__init__()
         self.teacher = teacher
+        self.train(teacher.training)  # as frozen as the teacher it stands for
         self.table: dict[bytes, Tensor] = {}
         self.hits = self.misses = 0
         with torch.inference_mode():
