@@ -313,3 +313,13 @@ def test_export_and_verify_bad_input_is_one_line(
     )
     assert "sqakd export" in line
     assert "--output" in error_of(invoke("export"))
+
+
+def test_the_cli_needs_no_click_of_its_own():
+    """typer >= 0.2x vendors click and no longer installs it: the CLI must import without it."""
+    import subprocess
+    import sys
+
+    code = "import sys; sys.modules['click'] = None; import sqakd.cli; print('ok')"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-500:]

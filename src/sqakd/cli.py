@@ -9,7 +9,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
-import click
 import typer
 
 app = typer.Typer(
@@ -59,6 +58,15 @@ def _options(
     """Label-free quantization-aware training by self-supervised knowledge distillation."""
 
 
+#: typer's own exits and usage errors, passed through (typer >= 0.2x vendors click, so ``click``
+#: itself may not be installed; older typer re-exports click's classes under these names)
+TYPER_CONTROL_FLOW: tuple[type[BaseException], ...] = tuple(
+    getattr(typer, name)
+    for name in ("Exit", "Abort", "BadParameter", "TyperException")
+    if hasattr(typer, name)
+)
+
+
 def one_line_errors(command: F) -> F:
     """The CLI's one error boundary: every expected failure (a value or setting to fix, a missing
     or unreadable file, an OS error such as a full disk or a read-only folder, a diverged run)
@@ -80,7 +88,7 @@ def one_line_errors(command: F) -> F:
                 "interrupted; the last checkpoint is kept (continue with --resume)", err=True
             )
             raise typer.Exit(130) from None
-        except (typer.Exit, click.exceptions.ClickException, click.exceptions.Abort):
+        except TYPER_CONTROL_FLOW:
             raise
         except Exception as error:
             if type(error).__module__.split(".")[0] in FILE_FORMAT_LIBRARIES:
