@@ -138,15 +138,22 @@ def method_label(name: str) -> str:
         return name
 
 
+def _method_options(name: str) -> set[str] | None:
+    """The option names of method ``name``, or ``None`` for a method no one registered."""
+    try:
+        return set(method_class(name).Options.model_fields)
+    except ValueError:
+        return None
+
+
 def _only_options_of(tree: dict[str, Any]) -> dict[str, Any]:
     """The recipe's ``method`` section with only the keys the chosen method has: a family's
     ``base`` is shared by several methods (SQAKD's temperature means nothing to labeled QAT)."""
     section = tree.get("method")
     if not isinstance(section, dict) or "name" not in section:
         return tree
-    try:
-        known = method_class(str(section["name"])).Options.model_fields
-    except ValueError:  # an unknown method: validation names it
+    known = _method_options(str(section["name"]))
+    if known is None:  # an unknown method: validation names it
         return tree
     kept = {k: v for k, v in section.items() if k == "name" or k in known}
     return {**tree, "method": kept}
@@ -372,10 +379,7 @@ def _check_method_overrides(cells: Sequence[Cell], overrides: Sequence[str]) -> 
     cell's method has is a typo or the wrong cells, refused instead of silently dropped."""
     options: set[str] = set()
     for cell in cells:
-        try:
-            options |= set(method_class(cell.method).Options.model_fields)
-        except ValueError:
-            continue
+        options |= _method_options(cell.method) or set()
     for text in overrides:
         key, _ = parse_override(text)
         parts = key.split(".")
