@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._features import matching_taps, storage_names
+from .float32 import computed_in_float32
 
 #: added to each position's L2 norm before dividing (the released FA has it; its FFA did not)
 NORM_EPS = 1e-5
@@ -153,6 +154,7 @@ class FeatureAffinity(nn.Module):
         _check_order(order)
         self.order = order
 
+    @computed_in_float32
     def forward(
         self, student_features: Mapping[str, Tensor], teacher_features: Mapping[str, Tensor]
     ) -> Tensor:
@@ -202,6 +204,7 @@ class FastFeatureAffinity(nn.Module):
         """The ``[N, k]`` matrix of ``tap``."""
         return self.projections.get_buffer(self._names[tap])
 
+    @computed_in_float32
     def forward(
         self, student_features: Mapping[str, Tensor], teacher_features: Mapping[str, Tensor]
     ) -> Tensor:

@@ -44,6 +44,7 @@ from torch import Tensor, nn
 
 from ._features import check_maps, pool_to_common
 from .feature_registry import TapwiseLoss, register_feature_loss
+from .float32 import computed_in_float32
 
 Reduction = Literal["sum", "mean"]
 
@@ -97,6 +98,7 @@ class RefinedFeatureDistillation(nn.Module):
         spatial = softened_kl(spatial_attention(student), spatial_attention(teacher), t, reduction)
         return channel, spatial
 
+    @computed_in_float32
     def forward(
         self, student_features: Mapping[str, Tensor], teacher_features: Mapping[str, Tensor]
     ) -> Tensor:

@@ -18,7 +18,9 @@ A feature loss is a :class:`FeatureLoss` subclass registered with
 It is sized by :meth:`FeatureLoss.build` from probed feature shapes ``{key: shape without the
 batch dimension}`` (probe the teacher: the student is not calibrated at setup time), called as
 ``loss(student_features, teacher_features, index=..., labels=...)`` on dicts with the same keys,
-and returns one weight-free scalar (the caller multiplies by the weight). Everything it builds
+and returns one weight-free scalar (the caller multiplies by the weight). Registration makes
+``forward`` and ``pre_stage_loss`` compute in float32 inside an autocast step
+(:mod:`sqakd.distill.float32`). Everything it builds
 (adapters, embeddings, memory banks, counters) is a submodule or buffer, so that checkpoints
 restore it. State that must change only on a real training step (CRD's memory bank) is staged by
 ``forward`` and applied by :meth:`FeatureLoss.after_update`, which the method calls after the
@@ -35,6 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from ._features import matching_taps
+from .float32 import computed_in_float32
 
 Reads = Literal["stages", "last", "middle", "chain", "embedding", "logits"]
 READS: tuple[str, ...] = ("stages", "last", "middle", "chain", "embedding", "logits")
@@ -142,6 +145,8 @@ def register_feature_loss(name: str) -> Callable[[FeatureLossClass], FeatureLoss
         if cls.reads not in READS:
             raise ValueError(f"feature loss {name!r} reads {cls.reads!r}, not one of {READS}")
         cls.name = name
+        for method in ("forward", "pre_stage_loss"):  # arithmetic in float32 under autocast
+            setattr(cls, method, computed_in_float32(getattr(cls, method)))
         _FEATURE_LOSSES[name] = cls
         return cls
 

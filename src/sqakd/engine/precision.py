@@ -14,9 +14,10 @@ float32 itself), the backward pass's accumulation into the float32
 weights, the optimizer steps, evaluation (the deployed integer arithmetic) and the epoch hooks
 (EWGS's curvature estimate), and a teacher's cached logits (``teacher.cache_outputs``: computed
 once, before training). The weights and quantizer ranges are float32 throughout: autocast
-casts a copy for each op, so a checkpoint is the same kind of file at any precision. Not
-upcast: feature losses (FAQD's affinity, the distillation zoo, AKT's RFD and batch-norm
-statistics), whose products run in bfloat16 like the student's.
+casts a copy for each op, so a checkpoint is the same kind of file at any precision. The
+feature losses (FAQD's affinity, the distillation zoo, AKT's RFD) compute in float32 on their
+upcast maps (:mod:`sqakd.distill.float32` says why), and so do AKT's batch-norm statistics; the
+maps themselves are the bfloat16 forward's.
 """
 
 from __future__ import annotations

@@ -56,7 +56,7 @@ class BatchNormStatistics:
             self._terms = []
 
     def _hook(self, module: nn.Module, args: Any) -> None:
-        x = args[0]
+        x = args[0].float()  # statistics in float32, also of a bfloat16 (autocast) forward
         mean = x.mean(dim=(0, 2, 3))
         variance = x.var(dim=(0, 2, 3), unbiased=False)
         self._terms.append(
