@@ -8,8 +8,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .base import refuse_reduced_float_model
+from .base import Quantizer, refuse_reduced_float_model
 from .layers import quantized_layers
+from .observers import combine_ranges
 
 #: dict keys tried, in order, for a dict batch when no ``input_key`` is given
 INPUT_KEYS = ("input", "inputs", "images", "image", "x", "input_ids", "pixel_values")
@@ -66,6 +67,11 @@ def calibrate(
     the first training batch). Batch-norm statistics are left untouched. Returns the number of
     batches used.
 
+    Each layer calibrates on the first batch; with an observer (``QuantPolicy.observer`` other
+    than ``native``) and ``max_batches > 1``, every activation range is then the observer's
+    ranges of all the batches combined (:class:`BatchRanges`; ``minmax``: their extremes,
+    ``percentile``/``mse``: their mean).
+
     ``batches``: any iterable of input tensors, ``(inputs, labels)`` tuples or lists (a standard
     ``DataLoader``), or dicts (the input under ``input_key``, by default ``input``, ``images``,
     ``input_ids``, ...; see :func:`batch_inputs`); ``batch_to_inputs(batch)`` maps anything
@@ -76,19 +82,71 @@ def calibrate(
     was_training = model.training
     model.eval()
     used = 0
+    observed = BatchRanges(model) if max_batches > 1 else None
     try:
         for batch in batches:
             if used >= max_batches:
                 break
             device = next(model.parameters()).device
             inputs = batch_inputs(batch, input_key, batch_to_inputs)
+            if observed is not None:
+                observed.batch = used
             model(*(item.to(device) for item in inputs))
             used += 1
     finally:
+        if observed is not None:
+            observed.remove()
         model.train(was_training)
     if used == 0:
         raise ValueError("calibration got no batch; give at least one batch of input images")
+    if observed is not None:
+        observed.apply()
     return used
+
+
+class BatchRanges:
+    """Over several calibration batches, the observer's range of each batch entering every
+    quantized layer that is not yet calibrated and whose activation quantizer has an observer
+    (forward pre-hooks); :meth:`apply` then sets each such quantizer's range to the ranges
+    combined (:func:`~sqakd.quant.observers.combine_ranges`). The layer itself calibrates on the
+    first batch as usual (its weights, EWGS's output scale), so one batch gives exactly what
+    it gave before; already-calibrated layers (a loaded checkpoint) are left alone."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.batch = 0
+        self.ranges: dict[Quantizer, dict[int, tuple[Tensor, Tensor]]] = {}
+        self._handles = []
+        for _, layer in quantized_layers(model):
+            quantizer = layer.act_quantizer
+            if (
+                quantizer is None
+                or quantizer.observer is None
+                or quantizer.range_kind is None
+                or bool(layer.calibrated)
+            ):
+                continue
+            self.ranges[quantizer] = {}
+            self._handles.append(layer.register_forward_pre_hook(self._observe))
+
+    def _observe(self, layer: nn.Module, args: tuple[Any, ...]) -> None:
+        if not getattr(layer, "quantization_enabled", True):
+            return
+        quantizer = layer.act_quantizer
+        kept = {name: value.clone() for name, value in quantizer.state_dict().items()}
+        # the observer may set candidate ranges on the quantizer (mse): put its state back
+        self.ranges[quantizer][self.batch] = quantizer.observer(quantizer, args[0].detach().float())
+        quantizer.load_state_dict(kept)
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def apply(self) -> None:
+        for quantizer, per_batch in self.ranges.items():
+            if len(per_batch) > 1 and quantizer.is_initialized:
+                ranges = [per_batch[batch] for batch in sorted(per_batch)]
+                quantizer.set_range(*combine_ranges(quantizer.observer, ranges))
 
 
 def reset_calibration(model: nn.Module) -> None:

@@ -1,4 +1,4 @@
-"""Calibration observers: the range a quantizer starts from, chosen from the first tensor it sees.
+"""Calibration observers: the range a quantizer starts from, chosen from the tensors it sees.
 
 By default (``QuantPolicy.observer: native``) each quantizer sets its range with its own rule at
 initialisation (LSQ ``2 mean|x| / sqrt(Qp)``, EWGS ``3 std``, ...). An observer replaces that rule
@@ -17,6 +17,13 @@ for the quantizers that take a range (:attr:`~sqakd.quant.Quantizer.range_kind`)
   1/100 of the best (MQBench's and PPQ's MSE observers search such a grid of fractions of the
   min/max range).
 
+Over several calibration batches (``train.calibration_batches``, :func:`~sqakd.quant.calibrate`'s
+``max_batches``), an activation quantizer's range combines the per-batch ranges
+(:func:`combine_ranges`): ``minmax`` takes their extremes (exactly the min/max of all batches),
+``percentile`` and ``mse`` their mean (the per-batch mean of MQBench's and PPQ's percentile and
+MSE observers, which average over batches rather than keep every tensor). Weights are the same
+tensor in every batch; ``native`` keeps each quantizer's rule on the first batch.
+
 Asymmetric ranges always contain 0 (``low <= 0 <= high``). Per-channel quantizers get one range
 per output channel (axis 0). Quantizers that take no range (DoReFa and PACT weights, APoT's
 non-uniform levels, ``binary``/``ternary``/``faqd4`` and ``minmax`` weights, which recompute
@@ -26,8 +33,9 @@ warning line, and refuses an observer that no quantizer of the model would use.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor
@@ -40,6 +48,8 @@ DEFAULT_PERCENTILE = 99.99
 COARSE_STEPS, FINE_STEPS = 100, 20
 
 _OBSERVERS: dict[str, Callable[..., Observer]] = {}
+#: how an observer's ranges over several batches become one: their extremes or their mean
+Combine = Literal["extremes", "mean"]
 
 
 def register_observer(name: str) -> Callable[[type], type]:
@@ -71,6 +81,20 @@ def build_observer(name: str, percentile: float = DEFAULT_PERCENTILE) -> Observe
     if name == "percentile":
         return _OBSERVERS[name](percentile)
     return _OBSERVERS[name]()
+
+
+def combine_ranges(
+    observer: Observer, ranges: Sequence[tuple[Tensor, Tensor]]
+) -> tuple[Tensor, Tensor]:
+    """One range from per-batch ``(low, high)`` ranges: the lowest low and highest high for an
+    observer whose ``combine`` is ``extremes`` (``minmax``), else the mean of each side."""
+    if not ranges:
+        raise ValueError("no range to combine: calibrate on at least one batch")
+    lows = torch.stack([low for low, _ in ranges])
+    highs = torch.stack([high for _, high in ranges])
+    if getattr(observer, "combine", "mean") == "extremes":
+        return lows.amin(0), highs.amax(0)
+    return lows.mean(0), highs.mean(0)
 
 
 # ---------------------------------------------------------------------------------- the ranges
@@ -117,6 +141,8 @@ def order_statistic(values: Tensor, fraction: float) -> Tensor:
 class MinMaxObserver:
     """The extremes of the tensor (of ``|x|`` for a symmetric range)."""
 
+    combine: ClassVar[Combine] = "extremes"
+
     def __call__(self, quantizer: Quantizer, x: Tensor) -> tuple[Tensor, Tensor]:
         values = rows(quantizer, x)
         if quantizer.range_kind == "symmetric":
@@ -132,6 +158,7 @@ class PercentileObserver:
     """The ``percentile``-th percentile of ``|x|`` (symmetric) or of ``x`` (each side)."""
 
     percentile: float = DEFAULT_PERCENTILE
+    combine: ClassVar[Combine] = "mean"
 
     def __post_init__(self) -> None:
         if not 50.0 < self.percentile <= 100.0:
@@ -164,6 +191,7 @@ class MSEObserver:
 
     coarse: int = COARSE_STEPS
     fine: int = FINE_STEPS
+    combine: ClassVar[Combine] = "mean"
 
     def __call__(self, quantizer: Quantizer, x: Tensor) -> tuple[Tensor, Tensor]:
         values = rows(quantizer, x)
