@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -83,6 +85,7 @@ def calibrate(
     model.eval()
     used = 0
     observed = BatchRanges(model) if max_batches > 1 else None
+    negatives = ClippedNegatives(model)
     try:
         for batch in batches:
             if used >= max_batches:
@@ -93,15 +96,81 @@ def calibrate(
                 observed.batch = used
             model(*(item.to(device) for item in inputs))
             used += 1
+            negatives.remove()  # the first batch is enough to tell
+        if observed is not None:
+            observed.apply()
+        negatives.report()
     finally:
         if observed is not None:
             observed.remove()
+        negatives.remove()
         model.train(was_training)
     if used == 0:
         raise ValueError("calibration got no batch; give at least one batch of input images")
-    if observed is not None:
-        observed.apply()
     return used
+
+
+#: the share of a layer's input below 0 from which :class:`ClippedNegatives` reports the layer
+NEGATIVE_SHARE = 0.01
+
+
+class ClippedNegatives:
+    """Layers whose input is partly negative while their activation grid's lowest level is 0,
+    so that every negative input becomes 0 (an unsigned LSQ/DSQ/PACT/DoReFa grid in front of
+    attention, a linear bottleneck or normalised images): :meth:`report` names them in one
+    warning line with the fix. Looks at the first calibration batch (forward pre-hooks)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.layers = dict(quantized_layers(model))
+        self.minimum: dict[str, tuple[float, Tensor]] = {}  # name -> (share below 0, min)
+        self._handles = [
+            layer.register_forward_pre_hook(functools.partial(self._look, name))
+            for name, layer in self.layers.items()
+            if layer.act_quantizer is not None
+        ]
+
+    def _look(self, name: str, layer: nn.Module, args: tuple[Any, ...]) -> None:
+        x = args[0].detach()
+        if name not in self.minimum and getattr(layer, "quantization_enabled", True) and x.numel():
+            share = float((x < 0).float().mean())
+            self.minimum[name] = (share, x.amin().reshape([1] * x.dim()).float())
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def report(self) -> None:
+        clipped = []
+        for name, (share, minimum) in self.minimum.items():
+            quantizer = self.layers[name].act_quantizer
+            if share >= NEGATIVE_SHARE and quantizer is not None and quantizer.is_initialized:
+                if lowest_level(quantizer, minimum) >= 0:
+                    clipped.append(f"{name or 'model'} ({share:.0%} below 0, down to "
+                                   f"{float(minimum):.3g})")  # fmt: skip
+        if clipped:
+            shown = ", ".join(clipped[:3]) + (
+                f" and {len(clipped) - 3} more" if len(clipped) > 3 else ""
+            )
+            warnings.warn(
+                f"sqakd.calibrate: {len(clipped)} layer(s) get negative inputs that their "
+                f"activation grid (lowest level 0) turns into 0: {shown}; to keep them, give "
+                "a grid with negative levels: quant.act_options: {signed: true} (lsq, dsq, "
+                "apot), quant.act_method: lsq+, or quant.observer: minmax (ewgs, ste)",
+                UserWarning,
+                stacklevel=3,
+            )
+
+
+def lowest_level(quantizer: Quantizer, minimum: Tensor) -> float:
+    """The lowest input an activation quantizer can represent, in its input's units: from its
+    grid (``(qmin - zero_point) * scale``; EWGS's forward gives levels in [0, 1], not in the
+    input's units), else what it makes of ``minimum``, the most negative input seen."""
+    try:
+        grid = quantizer.grid()
+    except NotImplementedError:
+        return float(quantizer(minimum).min())
+    return float(((grid.qmin - grid.input_zero_point) * grid.input_scale).min())
 
 
 class BatchRanges:
