@@ -522,7 +522,8 @@ def _run(
             _rounded(bundle.mean),
             _rounded(bundle.std),
         )
-    student = build_student(config, needs, bundle, teacher, device)
+    with log.capture_warnings():  # prepare's notes (layers kept float, observers) to the log
+        student = build_student(config, needs, bundle, teacher, device)
     models = Models(student, role_teacher(teacher, needs, bundle, config, device, log))
     method.setup(models, data_shapes(config, bundle, needs))
     if needs.quantized_student:
@@ -532,11 +533,12 @@ def _run(
             "compiled" if uses_compiled_kernels(student) else "eager",
             config.run.compile,
         )
-        calibrate(
-            student,
-            method.calibration_images(as_batches(calibration_loader)),
-            config.train.calibration_batches,
-        )
+        with log.capture_warnings():  # e.g. layers whose grid turns negative inputs into 0
+            calibrate(
+                student,
+                method.calibration_images(as_batches(calibration_loader)),
+                config.train.calibration_batches,
+            )
     calibrated = (
         evaluate_sharded(student, test_loader, device, context)
         if needs.quantized_student and test_loader

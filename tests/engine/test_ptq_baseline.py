@@ -60,3 +60,16 @@ def test_zero_epochs_without_quantization_is_refused(image_tree, teacher_weights
     )
     with pytest.raises(ValueError, match="train.epochs=0 calibrates and evaluates a quantized"):
         quantize(config)
+
+
+def test_prepare_and_calibrate_warnings_go_to_the_run_log(image_tree, teacher_weights, tmp_path):
+    """The first layer quantized with an unsigned LSQ grid gets normalised (signed) images:
+    calibrate's warning line lands in train.log, and several calibration batches are used."""
+    config = _config(
+        image_tree, teacher_weights, tmp_path / "neg", "train.epochs=0", "quant.first_last=same",
+        "quant.observer=minmax", "train.calibration_batches=2",
+    )  # fmt: skip
+    quantize(config)
+    log = (tmp_path / "neg" / "train.log").read_text()
+    assert "WARNING sqakd.calibrate: 1 layer(s) get negative inputs" in log
+    assert "(PTQ, 2 calibration batch(es), observer minmax)" in log

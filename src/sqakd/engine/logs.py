@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import logging
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +98,18 @@ class RunLog:
 
     def info(self, message: str, *args: Any) -> None:
         self.logger.info(message, *args)
+
+    @contextlib.contextmanager
+    def capture_warnings(self) -> Iterator[None]:
+        """Python warnings raised inside (``prepare``'s, ``calibrate``'s) become WARNING lines of
+        this log, on the console and in ``train.log``, instead of stderr's file:line form."""
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("default")
+            try:
+                yield
+            finally:
+                for item in seen:
+                    self.logger.warning("%s", item.message)
 
     def metrics(self, row: dict[str, Any], step: int) -> None:
         """Append one row to metrics.csv (header from the first row) and to TensorBoard."""
