@@ -271,7 +271,9 @@ def test_each_activation_range_combines_every_batch(method, observer):
     reference = build_observer(observer)
     for name, layer in quantized_layers(student):
         quantizer = layer.act_quantizer
-        assert len(seen[name]) == BATCHES
+        # EWGS: one more forward of the first batch matches the output scales to the new ranges
+        assert len(seen[name]) == BATCHES + (method == "ewgs")
+        seen[name] = seen[name][:BATCHES]
         low, high = _activation_range(quantizer)  # first: the mse reference sets ranges
         per_batch = [reference(quantizer, x) for x in seen[name]]
         if observer == "minmax":  # the extremes of everything seen, as one tensor
@@ -323,3 +325,22 @@ def test_combine_ranges_by_observer_kind():
     assert [float(v) for v in combine_ranges(build_observer("mse"), ranges)] == [-2.0, 1.5]
     with pytest.raises(ValueError, match="no range to combine"):
         combine_ranges(build_observer("mse"), [])
+
+
+def test_ewgs_output_scales_are_matched_to_the_combined_ranges():
+    """EWGS's weight output scale is set from the float and quantized outputs; after the ranges
+    are combined it is set again on the first batch, so it is the scale that matching with the
+    final ranges gives (a fixed point), not the first batch's range's scale."""
+    first_only = _student("ewgs", "minmax")
+    calibrate(first_only, _batches()[:1])
+    student = _student("ewgs", "minmax")
+    seen = _calibrate_recording(student, _batches(), BATCHES)
+    student.eval()  # as calibrate runs it
+    for name, layer in quantized_layers(student):
+        scale = layer.weight_quantizer.output_scale.detach().clone()
+        layer.calibrate_weight(seen[name][-1])  # the re-run's input, with the final ranges
+        torch.testing.assert_close(layer.weight_quantizer.output_scale, scale, rtol=1e-6, atol=0)
+    scales = [layer.weight_quantizer.output_scale for _, layer in quantized_layers(student)]
+    before = [layer.weight_quantizer.output_scale for _, layer in quantized_layers(first_only)]
+    assert any(not torch.allclose(a, b) for a, b in zip(scales, before))
+

@@ -92,13 +92,15 @@ def calibrate(
                 break
             device = next(model.parameters()).device
             inputs = batch_inputs(batch, input_key, batch_to_inputs)
+            inputs = tuple(item.to(device) for item in inputs)
             if observed is not None:
                 observed.batch = used
-            model(*(item.to(device) for item in inputs))
+                observed.first = observed.first or inputs
+            model(*inputs)
             used += 1
             negatives.remove()  # the first batch is enough to tell
         if observed is not None:
-            observed.apply()
+            observed.apply(model)
         negatives.report()
     finally:
         if observed is not None:
@@ -177,12 +179,15 @@ class BatchRanges:
     """Over several calibration batches, the observer's range of each batch entering every
     quantized layer that is not yet calibrated and whose activation quantizer has an observer
     (forward pre-hooks); :meth:`apply` then sets each such quantizer's range to the ranges
-    combined (:func:`~sqakd.quant.observers.combine_ranges`). The layer itself calibrates on the
-    first batch as usual (its weights, EWGS's output scale), so one batch gives exactly what
-    it gave before; already-calibrated layers (a loaded checkpoint) are left alone."""
+    combined (:func:`~sqakd.quant.observers.combine_ranges`) and, where the weight quantizer
+    matches the layer's output (EWGS's output scale, set on the first batch with the first
+    batch's range), runs the first batch again to match it with the new ranges. One batch gives
+    exactly what it gave before; already-calibrated layers (a loaded checkpoint) are left
+    alone."""
 
     def __init__(self, model: nn.Module) -> None:
         self.batch = 0
+        self.first: tuple[Tensor, ...] = ()  # the first batch's model inputs
         self.ranges: dict[Quantizer, dict[int, tuple[Tensor, Tensor]]] = {}
         self._handles = []
         for _, layer in quantized_layers(model):
@@ -211,11 +216,33 @@ class BatchRanges:
             handle.remove()
         self._handles = []
 
-    def apply(self) -> None:
+    def apply(self, model: nn.Module) -> None:
+        changed = []
         for quantizer, per_batch in self.ranges.items():
             if len(per_batch) > 1 and quantizer.is_initialized:
                 ranges = [per_batch[batch] for batch in sorted(per_batch)]
                 quantizer.set_range(*combine_ranges(quantizer.observer, ranges))
+                changed.append(quantizer)
+        rematch = [
+            layer
+            for _, layer in quantized_layers(model)
+            if layer.act_quantizer in changed and matches_output(layer.weight_quantizer)
+        ]
+        if rematch and self.first:
+            handles = [
+                layer.register_forward_pre_hook(lambda layer, args: layer.calibrate_weight(args[0]))
+                for layer in rematch
+            ]
+            try:
+                model(*self.first)  # in forward order: each layer sees its final input
+            finally:
+                for handle in handles:
+                    handle.remove()
+
+
+def matches_output(quantizer: Quantizer | None) -> bool:
+    """Whether ``quantizer`` sets state from the layer's output (overrides ``match_output``)."""
+    return quantizer is not None and type(quantizer).match_output is not Quantizer.match_output
 
 
 def reset_calibration(model: nn.Module) -> None:

@@ -150,11 +150,20 @@ class QuantizedLayer(nn.Module):
     def _calibrate(self, x: Tensor) -> None:
         if self.act_quantizer is not None:
             self.act_quantizer.calibrate(x)
-        if self.weight_quantizer is not None:
-            self.weight_quantizer.calibrate(self.weight)
-            float_output = self._float_forward(x, self.weight)
-            quantized_output = self._float_forward(self.quantized_input(x), self.quantized_weight())
-            self.weight_quantizer.match_output(float_output, quantized_output)
+        self.calibrate_weight(x)
+
+    @torch.no_grad()
+    def calibrate_weight(self, x: Tensor) -> None:
+        """Initialise the weight quantizer from the weight, then let it match the float output's
+        magnitude on input ``x`` (EWGS's output scale), with the activation range as it is now:
+        part of :meth:`calibrate`, and run again when calibration over several batches has
+        changed the activation range (:class:`sqakd.quant.calibrate.BatchRanges`)."""
+        if self.weight_quantizer is None:
+            return
+        self.weight_quantizer.calibrate(self.weight)
+        float_output = self._float_forward(x, self.weight)
+        quantized_output = self._float_forward(self.quantized_input(x), self.quantized_weight())
+        self.weight_quantizer.match_output(float_output, quantized_output)
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.quantizes:

@@ -104,6 +104,7 @@ class EWGSQuantizer(Quantizer):
             std = per_channel_reduce(x, 0, "std") if self.per_channel else x.std()
             self.upper.data = (3.0 * std).clone()
             self.lower.data = (-3.0 * std).clone()
+            self.output_scale.data.fill_(1.0)  # match_output sets it next, from this start
         else:
             self.upper.data = (x.std() / math.sqrt(1 - 2 / math.pi) * 3.0).clone()
             self.lower.data = x.min().clone()
@@ -138,7 +139,7 @@ class EWGSQuantizer(Quantizer):
 
     @torch.no_grad()
     def match_output(self, float_output: Tensor, quantized_output: Tensor) -> None:
-        if self.role == "weight":
+        if self.role == "weight":  # quantized_output was computed with output_scale 1
             ratio = float_output.abs().mean() / quantized_output.abs().mean().clamp_min(1e-12)
             self.output_scale.data.fill_(float(ratio))
 
