@@ -343,4 +343,3 @@ def test_ewgs_output_scales_are_matched_to_the_combined_ranges():
     scales = [layer.weight_quantizer.output_scale for _, layer in quantized_layers(student)]
     before = [layer.weight_quantizer.output_scale for _, layer in quantized_layers(first_only)]
     assert any(not torch.allclose(a, b) for a, b in zip(scales, before))
-
