@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 from .base import Quantizer, refuse_reduced_float_model
 from .layers import quantized_layers
@@ -100,6 +101,7 @@ def calibrate(
             used += 1
             negatives.remove()  # the first batch is enough to tell
         if observed is not None:
+            observed.remove()  # before apply's own forward
             observed.apply(model)
         negatives.report()
     finally:
@@ -189,7 +191,7 @@ class BatchRanges:
         self.batch = 0
         self.first: tuple[Tensor, ...] = ()  # the first batch's model inputs
         self.ranges: dict[Quantizer, dict[int, tuple[Tensor, Tensor]]] = {}
-        self._handles = []
+        self._handles: list[RemovableHandle] = []
         for _, layer in quantized_layers(model):
             quantizer = layer.act_quantizer
             if (
