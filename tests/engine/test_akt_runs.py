@@ -84,3 +84,25 @@ def test_an_akt_run_needs_only_the_teacher_checkpoint(tmp_path, teacher_weights,
                                         f"run.output={tmp_path / 'again'}"]))  # fmt: skip
     with pytest.raises(ValueError, match="or, with no images at all, set data.image_size"):
         pipeline.run(load_config(None, [*settings[3:], f"run.output={tmp_path / 'other'}"]))
+
+
+def test_rfd_in_a_bf16_run_is_computed_in_float32(tmp_path, image_tree, teacher_weights):
+    """Under run.precision=bf16 the maps are bfloat16 but RFD's arithmetic is float32: its value
+    stays positive and near the float32 run's (computed in bfloat16 it is noise, often < 0)."""
+    values = {}
+    for precision in ("float32", "bf16"):
+        settings = [
+            f"data.root={image_tree}", "data.batch_size=4", "data.eval_batch_size=6",
+            "model.name=small_cnn", "model.kwargs={width: 8}", "model.num_classes=2",
+            f"teacher.checkpoint={teacher_weights}", "method.name=akt", "method.warmup_epochs=1",
+            "quant.method=minmax", "quant.first_last=same", "train.epochs=2",
+            "train.max_steps_per_epoch=2", "run.progress=false", f"run.precision={precision}",
+            f"run.output={tmp_path / precision}", "run.compile=false",
+        ]  # fmt: skip
+        pipeline.run(load_config(None, settings))
+        header, *rows = (tmp_path / precision / "metrics.csv").read_text().splitlines()
+        column = header.split(",").index("train_rfd")
+        values[precision] = [float(row.split(",")[column]) for row in rows]
+    assert all(v > 0 for v in values["bf16"])
+    for low, full in zip(values["bf16"], values["float32"]):
+        assert abs(low - full) < 0.25 * full
