@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from .base import Quantizer, refuse_reduced_float_model
-from .layers import quantized_layers
+from .layers import QuantizedLayer, quantized_layers
 from .observers import combine_ranges
 
 #: dict keys tried, in order, for a dict batch when no ``input_key`` is given
@@ -96,7 +96,8 @@ def calibrate(
             inputs = tuple(item.to(device) for item in inputs)
             if observed is not None:
                 observed.batch = used
-                observed.first = observed.first or inputs
+                if used == 0:
+                    observed.first = inputs
             model(*inputs)
             used += 1
             negatives.remove()  # the first batch is enough to tell
@@ -133,9 +134,9 @@ class ClippedNegatives:
             if layer.act_quantizer is not None
         ]
 
-    def _look(self, name: str, layer: nn.Module, args: tuple[Any, ...]) -> None:
+    def _look(self, name: str, layer: QuantizedLayer, args: tuple[Any, ...]) -> None:
         x = args[0].detach()
-        if name not in self.minimum and getattr(layer, "quantization_enabled", True) and x.numel():
+        if name not in self.minimum and layer.quantization_enabled and x.numel():
             share = float((x < 0).float().mean())
             self.minimum[name] = (share, x.amin().reshape([1] * x.dim()).float())
 
@@ -204,8 +205,8 @@ class BatchRanges:
             self.ranges[quantizer] = {}
             self._handles.append(layer.register_forward_pre_hook(self._observe))
 
-    def _observe(self, layer: nn.Module, args: tuple[Any, ...]) -> None:
-        if not getattr(layer, "quantization_enabled", True):
+    def _observe(self, layer: QuantizedLayer, args: tuple[Any, ...]) -> None:
+        if not layer.quantization_enabled:
             return
         quantizer = layer.act_quantizer
         kept = {name: value.clone() for name, value in quantizer.state_dict().items()}
